@@ -1,0 +1,47 @@
+"""Hydra configuration: where `conf/` lives, the resolvers it uses, and composing it from Python.
+
+`conf/` sits at the repository root next to `train.py` and `analyze.py`; its
+groups mirror the code (lm/, encoder/, projection/, data/, world/, trainer/, logger/).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def digest(*parts) -> str:
+    """A short, stable hash of config values: keys a cache folder by its configuration."""
+    plain = [OmegaConf.to_container(p, resolve=True) if OmegaConf.is_config(p) else p for p in parts]
+    return hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("mmn.digest", digest, replace=True)
+    OmegaConf.register_new_resolver("mmn.root", lambda: str(CONFIG_DIR.parent), replace=True)
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """Compose the project's config as the entry points do, e.g. compose(["lm=gpt2"])."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from hydra.core.hydra_config import HydraConfig
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    # Outside a Hydra run, `${hydra:...}` interpolations read this.
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+register_resolvers()

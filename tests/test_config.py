@@ -1,0 +1,36 @@
+"""Every option of every config group composes and resolves."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from mmn.config import CONFIG_DIR, compose
+
+GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+OPTIONS = [(group, option.stem) for group in GROUPS for option in sorted((CONFIG_DIR / group).glob("*.yaml"))]
+
+
+def test_groups_mirror_the_code():
+    assert {"lm", "encoder", "projection", "data", "world", "trainer", "logger"} <= set(GROUPS)
+    for preset in ["lm/gptj_6b", "lm/gpt2", "lm/pythia", "lm/llama", "encoder/beit_large",
+                   "encoder/clip_rn50x16", "encoder/nfrn50", "data/cc3m", "data/coco"]:
+        assert (CONFIG_DIR / f"{preset}.yaml").is_file(), preset
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_resolves(group, option):
+    cfg = compose([f"{group}={option}"])
+    # Resolving raises on any interpolation that does not resolve or value left missing.
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    written = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
+    assert set(resolved[group]) == set(written) - {"defaults"}
+    for key, value in written.items():
+        if isinstance(value, (int, float, str)) and "${" not in str(value):
+            assert resolved[group][key] == value, (group, option, key)
+
+
+def test_world_folder_is_keyed_by_its_configuration():
+    base = compose()
+    other = compose(["world.seed=1"])
+    assert base.world.dir != other.world.dir
+    assert base.lm.name_or_path == f"{base.world.dir}/lm"
+    assert compose().world.dir == base.world.dir
