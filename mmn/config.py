@@ -7,6 +7,7 @@ groups mirror the code (lm/, encoder/, projection/, data/, world/, trainer/, log
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,20 @@ def digest(*parts) -> str:
     """A short, stable hash of config values: keys a cache folder by its configuration."""
     plain = [OmegaConf.to_container(p, resolve=True) if OmegaConf.is_config(p) else p for p in parts]
     return hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def offline_run_environment(run_dir: str | Path) -> None:
+    """No hub downloads, W&B offline (unless the user asked otherwise), and all of
+    W&B's folders inside the run directory so nothing lands in the home folder."""
+    run_dir = Path(run_dir)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    for variable, sub in [("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb-cache"),
+                          ("WANDB_CONFIG_DIR", "wandb-config"), ("WANDB_DATA_DIR", "wandb-data")]:
+        folder = run_dir / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ[variable] = str(folder)
 
 
 def register_resolvers() -> None:

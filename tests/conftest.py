@@ -11,8 +11,14 @@ import mmn  # noqa: E402,F401  (installs the torchvision shim before any test im
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from mmn.config import offline_run_environment  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_run_directory(tmp_path_factory):
+    offline_run_environment(tmp_path_factory.mktemp("run"))
+
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     torch.manual_seed(0)
-    yield
