@@ -82,3 +82,12 @@ def test_custom_finder_plugs_in(tokenizer):
 def test_unknown_finder_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown first-noun finder 'tagger9'"):
         get_finder("tagger9")
+
+
+def test_first_noun_is_the_first_shape_on_shapes_world_captions(finder):
+    from mmn.world.generator import PLURALS, describe, first_shape, scene_at
+
+    for index in range(300):
+        caption = describe(*scene_at(7, "eval", index))
+        shape = first_shape(caption)
+        assert finder(caption).word in (shape, PLURALS[shape]), caption

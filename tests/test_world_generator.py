@@ -1,0 +1,218 @@
+"""The Shapes world generator: determinism, coverage, captions that tell the truth, exact masks."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+
+import mmn  # noqa: F401  (first, as everywhere)
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from mmn.world import generator as g
+from mmn.world.generator import (COLOURS, PLURALS, SHAPES, Background, Scene, SceneConfig, WorldObject,
+                                 describe, first_shape, render, render_batch, sample_scene, scene_at,
+                                 text_corpus)
+
+N_TRAIN, N_EVAL, SHARD = 40, 20, 16
+
+
+def _tree_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    """The same world written twice with seed 0, and once with seed 1."""
+    out = {}
+    for name, seed in (("a", 0), ("b", 0), ("other", 1)):
+        root = tmp_path_factory.mktemp(f"world_{name}")
+        summary = g.generate(root, n_train=N_TRAIN, n_eval=N_EVAL, seed=seed, shard_size=SHARD)
+        out[name] = (root, summary)
+    return out
+
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(worlds):
+    (root_a, summary_a), (root_b, _), (root_other, _) = worlds["a"], worlds["b"], worlds["other"]
+    files_a, files_b, files_other = _tree_bytes(root_a), _tree_bytes(root_b), _tree_bytes(root_other)
+    assert sorted(files_a) == sorted(files_b)
+    assert files_a == files_b  # annotation JSON, PNGs and tar shards, byte for byte
+    expected = {"train/00000.tar", "train/00001.tar", "train/00002.tar",
+                "coco/annotations/instances_val2017.json", "coco/annotations/captions_val2017.json",
+                "coco/val2017/000000000001.png", f"coco/val2017/{N_EVAL:012d}.png"}
+    assert expected <= set(files_a)
+    assert sum(1 for name in files_a if name.endswith(".png")) == N_EVAL
+    for name in ("train/00000.tar", "coco/annotations/instances_val2017.json", "coco/val2017/000000000001.png"):
+        assert files_a[name] != files_other[name], name
+    assert summary_a["n_train"] == N_TRAIN and summary_a["n_eval"] == N_EVAL
+    assert sum(summary_a["objects_per_image"].values()) == N_TRAIN + N_EVAL
+    assert summary_a["vocabulary_size"] > 15
+
+
+def test_training_shards_follow_img2dataset_layout(worlds):
+    root, _ = worlds["a"]
+    keys, n_objects = [], Counter()
+    for shard_index in range(3):
+        with tarfile.open(root / "train" / f"{shard_index:05d}.tar") as tar:
+            members = tar.getmembers()
+            assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in members)
+            files = {m.name: tar.extractfile(m).read() for m in members}
+        shard_keys = sorted({name.split(".")[0] for name in files})
+        assert len(shard_keys) == min(SHARD, N_TRAIN - shard_index * SHARD)
+        for key in shard_keys:
+            assert re.fullmatch(rf"{shard_index:05d}\d{{4}}", key)
+            meta = json.loads(files[f"{key}.json"])
+            caption = files[f"{key}.txt"].decode()
+            assert meta["key"] == key and meta["caption"] == caption
+            assert (meta["width"], meta["height"]) == (224, 224)
+            assert 1 <= len(meta["objects"]) <= 3
+            assert first_shape(caption) in {o["shape"] for o in meta["objects"]}
+            image = Image.open(io.BytesIO(files[f"{key}.jpg"]))
+            assert image.format == "JPEG" and image.mode == "RGB" and image.size == (224, 224)
+            n_objects[len(meta["objects"])] += 1
+        keys += shard_keys
+    assert keys[0] == "000000000" and len(keys) == N_TRAIN
+    assert set(n_objects) == {1, 2, 3}
+
+
+def test_scenes_cover_every_shape_colour_size_and_background():
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(300)]
+    objects = [o for s in scenes for o in s.objects]
+    assert len(SHAPES) >= 8 and len(COLOURS) == 6
+    assert {o.shape for o in objects} == set(SHAPES)
+    assert {o.colour for o in objects} == set(COLOURS)
+    assert {o.size for o in objects} == {"small", "medium", "large"}
+    assert {s.background.kind for s in scenes} == {"plain", "gradient", "noise"}
+    counts = Counter(len(s.objects) for s in scenes)
+    assert set(counts) == {1, 2, 3} and min(counts.values()) > 60
+    # rejection sampling: bounding circles keep their gap
+    for s in scenes:
+        for i, a in enumerate(s.objects):
+            for b in s.objects[i + 1:]:
+                distance = np.hypot(a.center[0] - b.center[0], a.center[1] - b.center[1])
+                assert distance >= a.radius + b.radius + 0.03 - 1e-6
+
+
+def _check_relation(caption, scene, phrase, axis, first_is_smaller):
+    """For 'A <phrase> B' with A's and B's shapes unique in the scene, check the geometry."""
+    left, right = caption.split(phrase, 1)
+    shape_a, shape_b = first_shape(left), first_shape(right.split(",")[0])
+    by_shape = Counter(o.shape for o in scene.objects)
+    if shape_a == shape_b or by_shape[shape_a] != 1 or by_shape[shape_b] != 1:
+        return 0
+    a = next(o for o in scene.objects if o.shape == shape_a)
+    b = next(o for o in scene.objects if o.shape == shape_b)
+    assert (a.center[axis] < b.center[axis]) == first_is_smaller, (caption, scene)
+    return 1
+
+
+def test_captions_name_a_shape_first_and_tell_the_geometry():
+    checked_relations = 0
+    captions = []
+    for i in range(400):
+        scene, rng = scene_at(7, "train", i)
+        caption = describe(scene, rng)
+        captions.append(caption)
+        assert not caption.lower().startswith(("a picture of", "an image of"))
+        assert first_shape(caption) in {o.shape for o in scene.objects}, caption
+        # articles and plurals
+        assert not re.search(r"\ba [aeiou]", caption) and not re.search(r"\ban [^aeiou]", caption), caption
+        adjectives = "|".join(list(COLOURS) + ["small", "medium", "large"])
+        for number in re.findall(rf"\b(two|three) (?:(?:{adjectives}) )*(\w+)", caption):
+            assert number[1] in PLURALS.values(), caption
+        if " to the left of " in caption:
+            checked_relations += _check_relation(caption, scene, " to the left of ", 0, True)
+        if " to the right of " in caption:
+            checked_relations += _check_relation(caption, scene, " to the right of ", 0, False)
+        if " above " in caption:
+            checked_relations += _check_relation(caption, scene, " above ", 1, True)
+        if " below " in caption:
+            checked_relations += _check_relation(caption, scene, " below ", 1, False)
+        if caption.endswith("from left to right"):
+            xs = sorted(scene.objects, key=lambda o: o.center[0])
+            named = [first_shape(part) for part in re.split(r", | and ", caption)[:3]]
+            assert named == [o.shape for o in xs], caption
+    assert checked_relations > 30
+    assert len(set(captions)) > 300  # real variety
+    assert any(c.startswith("two ") for c in captions) and any(", and " in c for c in captions)
+
+
+def test_text_corpus_is_deterministic_and_teaches_the_prompt():
+    corpus = text_corpus(300, seed=3)
+    assert corpus == text_corpus(300, seed=3) and corpus != text_corpus(300, seed=4)
+    prefixed = [s for s in corpus if s.startswith(g.TEXT_PREFIXES + ("These are", "Here are"))]
+    assert 40 < len(prefixed) < 150  # about text_prefix_prob = 0.3
+    assert any(s.startswith("A picture of ") for s in corpus)
+    assert not any(s.startswith(("This is two", "This is three")) for s in corpus)
+    assert all(first_shape(s) is not None for s in corpus)
+
+
+def _decode_annotation(annotation):
+    return mask_utils.decode(annotation["segmentation"]).astype(bool)
+
+
+def test_coco_masks_are_pixel_exact_and_match_the_scene(worlds):
+    root, _ = worlds["a"]
+    instances = json.loads((root / "coco/annotations/instances_val2017.json").read_text())
+    captions = json.loads((root / "coco/annotations/captions_val2017.json").read_text())
+    categories = {c["id"]: c["name"] for c in instances["categories"]}
+    assert sorted(categories.values()) == sorted(SHAPES)
+    assert Counter(c["image_id"] for c in captions["annotations"]) == {i: 5 for i in range(1, N_EVAL + 1)}
+    for image_info in instances["images"]:
+        image_id = image_info["id"]
+        pixels = np.asarray(Image.open(root / "coco/val2017" / image_info["file_name"]))  # [H, W, 3]
+        annotations = [a for a in instances["annotations"] if a["image_id"] == image_id]
+        scene, _ = scene_at(0, "eval", image_id - 1)
+        _, masks = render(scene)
+        assert len(annotations) == len(scene.objects) and 1 <= len(annotations) <= 3
+        for annotation, obj, mask in zip(annotations, scene.objects, masks):
+            decoded = _decode_annotation(annotation)
+            assert np.array_equal(decoded, mask)
+            assert categories[annotation["category_id"]] == obj.shape and annotation["colour"] == obj.colour
+            assert annotation["area"] == int(mask.sum()) > 0 and annotation["iscrowd"] == 0
+            assert np.all(pixels[decoded] == COLOURS[obj.colour])  # every mask pixel has the colour
+            ys, xs = np.nonzero(decoded)
+            assert annotation["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        for colour, rgb in COLOURS.items():  # and no pixel of that colour lies outside those masks
+            union = np.zeros(pixels.shape[:2], dtype=bool)
+            for annotation in annotations:
+                if annotation["colour"] == colour:
+                    union |= _decode_annotation(annotation)
+            assert not np.any(np.all(pixels == rgb, axis=-1) & ~union)
+        scene_captions = [c["caption"] for c in captions["annotations"] if c["image_id"] == image_id]
+        assert all(first_shape(c) in {o.shape for o in scene.objects} for c in scene_captions)
+
+
+def test_overlapping_objects_keep_exact_masks():
+    background = Background(kind="plain", tint="white")
+    scene = Scene(objects=[WorldObject("square", "red", "large", (0.5, 0.5), 0.135),
+                           WorldObject("circle", "blue", "medium", (0.55, 0.5), 0.10)], background=background)
+    image, (under, over) = render(scene, image_size=100)
+    pixels = np.asarray(image)
+    assert not np.any(under & over)  # the earlier object loses what the later one covers
+    assert np.all(pixels[under] == COLOURS["red"]) and np.all(pixels[over] == COLOURS["blue"])
+    assert np.array_equal(np.all(pixels == COLOURS["red"], axis=-1), under)
+    assert np.array_equal(np.any(pixels != (250, 250, 250), axis=-1), under | over)
+    assert under.sum() > 100 and over.sum() > 100
+
+
+def test_render_batch_and_config_errors():
+    images, captions = render_batch(5, 6, {"image_size": 64})
+    assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8 and len(captions) == 6
+    again, _ = render_batch(5, 6, SceneConfig(image_size=64))
+    other, _ = render_batch(6, 6, SceneConfig(image_size=64))
+    assert np.array_equal(images, again) and not np.array_equal(images, other)
+    with pytest.raises(ValueError, match="hexagonal"):
+        SceneConfig(shapes=("circle", "hexagonal"))
+    with pytest.raises(ValueError, match="n_shapes"):
+        g.scene_config({"n_shapes": 3})
+    with pytest.raises(ValueError, match="max_objects"):
+        SceneConfig(max_objects=4)
+    with pytest.raises(ValueError, match="nowhere"):
+        scene_at(0, "nowhere", 0)
