@@ -1,0 +1,145 @@
+"""The learned projection P: image-encoder features -> image prompts in the LM's input space.
+
+Two kinds, as in LiMBeR:
+
+- ``kind="linear"``: one ``nn.Linear(d_enc, d_lm)`` applied to every encoder token
+  (BEiT: 196 patch vectors -> 196 image prompts; CLIP RN50x16: 144 -> 144).
+- ``kind="pooled"``: mean-pool the encoder tokens, ``nn.Linear(d_enc, k * d_lm)``, reshape to
+  k prompts (NF-ResNet50: one pooled 2048-d vector -> k = 1 prompt).
+
+Dropout (0.1 in LiMBeR) follows the linear map and is active only in train mode; every
+analysis must run in eval mode (LiMBeR itself leaves it on by accident, see the notes).
+
+On disk a projection is ``projection.safetensors`` (the weights) + ``projection.json``
+(kind, d_enc, d_lm, n_out_tokens, dropout). LiMBeR's released ``proj.ckpt`` files (the
+``state_dict`` of the ``nn.Linear``, saved with ``torch.save``) load with
+``Projection.from_limber_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+KINDS = ("linear", "pooled")
+WEIGHTS_FILE = "projection.safetensors"
+CONFIG_FILE = "projection.json"
+
+
+class Projection(nn.Module):
+    """Maps encoder tokens [batch, n_tok, d_enc] to image prompts [batch, n_prompt, d_lm]."""
+
+    def __init__(self, d_enc: int, d_lm: int, kind: str = "linear", n_out_tokens: int = 1, dropout: float = 0.1):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown projection kind {kind!r}: use one of {KINDS}")
+        if kind == "linear" and n_out_tokens != 1:
+            raise ValueError(f"n_out_tokens={n_out_tokens} only applies to kind='pooled' (linear maps token to token)")
+        if n_out_tokens < 1 or d_enc < 1 or d_lm < 1:
+            raise ValueError(f"dimensions must be positive: d_enc={d_enc}, d_lm={d_lm}, n_out_tokens={n_out_tokens}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.d_enc = d_enc
+        self.d_lm = d_lm
+        self.kind = kind
+        self.n_out_tokens = n_out_tokens
+        self.dropout_p = dropout
+        self.linear = nn.Linear(d_enc, d_lm * n_out_tokens)
+        self.dropout = nn.Dropout(dropout)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, d_enc={self.d_enc}, d_lm={self.d_lm}, n_out_tokens={self.n_out_tokens}"
+
+    def n_prompt_tokens(self, n_encoder_tokens: int) -> int:
+        return n_encoder_tokens if self.kind == "linear" else self.n_out_tokens
+
+    def forward(self, features: Tensor) -> Tensor:
+        """[batch, n_tok, d_enc] -> [batch, n_prompt, d_lm]."""
+        if features.ndim != 3:
+            raise ValueError(f"features must be [batch, n_tok, d_enc], got shape {tuple(features.shape)}")
+        if features.shape[-1] != self.d_enc:
+            raise ValueError(f"feature width {features.shape[-1]} != projection d_enc {self.d_enc}")
+        features = features.to(self.linear.weight.dtype)
+        if self.kind == "linear":
+            prompts = self.linear(features)  # [batch, n_tok, d_lm]
+        else:
+            pooled = features.mean(dim=1)  # [batch, d_enc]
+            prompts = self.linear(pooled).view(-1, self.n_out_tokens, self.d_lm)  # [batch, k, d_lm]
+        return self.dropout(prompts)
+
+    # ----- files ------------------------------------------------------------------------
+
+    def config(self) -> dict:
+        return {
+            "kind": self.kind,
+            "d_enc": self.d_enc,
+            "d_lm": self.d_lm,
+            "n_out_tokens": self.n_out_tokens,
+            "dropout": self.dropout_p,
+        }
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write projection.safetensors + projection.json into `directory` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE))
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Projection:
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"projection file not found: {directory / name}")
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        missing = [k for k in ("kind", "d_enc", "d_lm") if k not in config]
+        if missing:
+            raise KeyError(f"{directory / CONFIG_FILE} lacks {missing}; found keys {sorted(config)}")
+        projection = cls(
+            d_enc=config["d_enc"],
+            d_lm=config["d_lm"],
+            kind=config["kind"],
+            n_out_tokens=config.get("n_out_tokens", 1),
+            dropout=config.get("dropout", 0.1),
+        )
+        state = load_file(str(directory / WEIGHTS_FILE))
+        projection.load_state_dict(state)
+        return projection
+
+    @classmethod
+    def from_limber_checkpoint(
+        cls, path: str | os.PathLike, dropout: float = 0.1, n_out_tokens: int | None = None
+    ) -> Projection:
+        """Load LiMBeR's `proj.ckpt`: `torch.save(nn.Linear(d_enc, d_lm).state_dict())`.
+
+        weight [d_lm, d_enc] and bias [d_lm] give a per-token linear projection. For LiMBeR's
+        pooled encoders (NF-ResNet50) the weight is [k * d_lm, d_enc]: pass `n_out_tokens=k`
+        to get a pooled projection with k prompts.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"LiMBeR projection checkpoint not found: {path}")
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        if not isinstance(state, dict) or not {"weight", "bias"} <= set(state):
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise KeyError(f"{path} is not an nn.Linear state_dict: expected keys 'weight' and 'bias', found {found}")
+        weight, bias = state["weight"], state["bias"]
+        if weight.ndim != 2 or bias.shape != weight.shape[:1]:
+            raise ValueError(
+                f"{path}: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} are not [d_out, d_in] and [d_out]"
+            )
+        d_out, d_enc = weight.shape
+        if n_out_tokens is None:
+            projection = cls(d_enc=d_enc, d_lm=d_out, kind="linear", dropout=dropout)
+        else:
+            if d_out % n_out_tokens:
+                raise ValueError(f"{path}: output width {d_out} is not a multiple of n_out_tokens={n_out_tokens}")
+            projection = cls(d_enc, d_out // n_out_tokens, kind="pooled", n_out_tokens=n_out_tokens, dropout=dropout)
+        projection.linear.load_state_dict({"weight": weight, "bias": bias})
+        return projection

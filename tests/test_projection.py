@@ -1,0 +1,87 @@
+"""Projection: shapes, save/load, LiMBeR proj.ckpt import, dropout modes, errors."""
+
+from __future__ import annotations
+
+from mmn.models.projection import Projection  # noqa: I001
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+
+def test_linear_maps_every_token():
+    projection = Projection(64, 48, kind="linear").eval()
+    features = torch.randn(2, 5, 64)  # [batch, n_tok, d_enc]
+    prompts = projection(features)
+    assert prompts.shape == (2, 5, 48)
+    assert projection.n_prompt_tokens(196) == 196
+    # Token by token: each prompt is the linear map of its own feature vector.
+    torch.testing.assert_close(prompts[1, 3], features[1, 3] @ projection.linear.weight.T + projection.linear.bias)
+
+
+def test_pooled_maps_mean_to_k_tokens():
+    projection = Projection(64, 48, kind="pooled", n_out_tokens=3).eval()
+    features = torch.randn(2, 7, 64)
+    prompts = projection(features)
+    assert prompts.shape == (2, 3, 48)
+    assert projection.n_prompt_tokens(7) == 3
+    flat = projection.linear(features.mean(dim=1))  # [batch, 3 * 48], LiMBeR's "b (s d) -> b s d"
+    torch.testing.assert_close(prompts[:, 1], flat[:, 48:96])
+    # One pooled token (NF-ResNet50 encoder output) gives the same as the pooled mean.
+    torch.testing.assert_close(projection(features.mean(dim=1, keepdim=True)), prompts)
+
+
+@pytest.mark.parametrize("kind, k", [("linear", 1), ("pooled", 2)])
+def test_save_load_round_trip(tmp_path, kind, k):
+    projection = Projection(64, 48, kind=kind, n_out_tokens=k, dropout=0.2).eval()
+    projection.save(tmp_path / "proj")
+    assert (tmp_path / "proj" / "projection.safetensors").is_file()
+    config = json.loads((tmp_path / "proj" / "projection.json").read_text())
+    assert config == {"kind": kind, "d_enc": 64, "d_lm": 48, "n_out_tokens": k, "dropout": 0.2}
+    loaded = Projection.load(tmp_path / "proj").eval()
+    features = torch.randn(3, 4, 64)
+    torch.testing.assert_close(loaded(features), projection(features), rtol=0, atol=0)
+    assert loaded.dropout.p == 0.2
+
+
+def test_limber_checkpoint_matches_the_linear(tmp_path):
+    linear = nn.Linear(64, 48)
+    torch.save(linear.state_dict(), tmp_path / "proj.ckpt")
+    projection = Projection.from_limber_checkpoint(tmp_path / "proj.ckpt").eval()
+    assert (projection.kind, projection.d_enc, projection.d_lm) == ("linear", 64, 48)
+    features = torch.randn(2, 196, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(projection(features), linear.eval()(features), rtol=0, atol=0)
+
+    # A pooled (NF-ResNet50-style) checkpoint: weight [k * d_lm, d_enc].
+    torch.save(nn.Linear(64, 2 * 48).state_dict(), tmp_path / "pooled.ckpt")
+    pooled = Projection.from_limber_checkpoint(tmp_path / "pooled.ckpt", n_out_tokens=2)
+    assert (pooled.kind, pooled.d_lm, pooled.n_out_tokens) == ("pooled", 48, 2)
+
+
+def test_dropout_only_in_train_mode():
+    projection = Projection(64, 48, dropout=0.5)
+    features = torch.randn(4, 10, 64)
+    projection.eval()
+    assert torch.equal(projection(features), projection(features))
+    projection.train()
+    noisy = projection(features)
+    assert (noisy == 0).float().mean() > 0.3  # about half the values dropped
+    assert not torch.equal(noisy, projection(features))
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        Projection.from_limber_checkpoint(tmp_path / "missing.ckpt")
+    torch.save({"proj.weight": torch.zeros(48, 64)}, tmp_path / "wrapped.ckpt")
+    with pytest.raises(KeyError, match=r"wrapped\.ckpt.*proj\.weight"):
+        Projection.from_limber_checkpoint(tmp_path / "wrapped.ckpt")
+    with pytest.raises(FileNotFoundError, match="projection.json"):
+        Projection.load(tmp_path / "nothing_here")
+    projection = Projection(64, 48)
+    with pytest.raises(ValueError, match="32.*64"):
+        projection(torch.randn(1, 3, 32))
+    with pytest.raises(ValueError, match="'conv'"):
+        Projection(64, 48, kind="conv")
