@@ -1,0 +1,151 @@
+"""The captioner: image encoder + projection + language model + tokenizer + image processor.
+
+This is the one object every analysis takes. An image becomes a caption so:
+
+    image --encoder.preprocess--> pixels                     [batch, 3, H, W]
+          --encoder-->            patch features             [batch, n_tok, d_enc]
+          --projection-->         image prompts              [batch, n_img, d_lm]
+          ++ embed("A picture of")                           [batch, n_img + n_text, d_lm]
+          --LM, greedy-->         caption token ids
+
+Encoder and LM are frozen and stay in eval mode whatever `train()` is called
+with; `caption()` runs the projection in eval mode as well. (LiMBeR builds its
+projection after calling `eval()` on the model, so its dropout stays active at
+inference unless `eval()` is called again: captions and attributions then
+change from run to run.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from mmn.models.encoders import ImageEncoder, load_encoder
+from mmn.models.lm import LanguageModel
+from mmn.models.projection import Projection
+
+PROMPT = "A picture of"
+
+
+def check_widths(encoder_width: int, projection: Projection, lm_width: int, *, where: str = "") -> None:
+    """Raise a clear error if the encoder, projection and LM widths do not chain."""
+    if projection.d_enc != encoder_width:
+        raise ValueError(
+            f"width mismatch{where}: the encoder yields {encoder_width}-d features but the projection "
+            f"expects d_enc={projection.d_enc}"
+        )
+    if projection.d_lm != lm_width:
+        raise ValueError(
+            f"width mismatch{where}: the projection writes d_lm={projection.d_lm} but the LM's hidden "
+            f"size is {lm_width}"
+        )
+
+
+class Captioner(nn.Module):
+    def __init__(self, encoder: ImageEncoder, projection: Projection, lm: LanguageModel, prompt: str = PROMPT):
+        super().__init__()
+        check_widths(encoder.width, projection, lm.d_model)
+        self.encoder = encoder
+        self.projection = projection
+        self.lm = lm
+        # Registered as a submodule so .to(), .parameters() and hooks by name reach the LM.
+        self.language_model = lm.model
+        self.prompt = prompt
+        prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        self.register_buffer("prompt_ids", torch.tensor(prompt_ids, dtype=torch.long), persistent=False)
+        self.eval()  # training code opts in with .train(); analyses never need to remember eval()
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.projection.n_prompt_tokens(self.encoder.n_tokens)
+
+    def train(self, mode: bool = True) -> Captioner:
+        super().train(mode)
+        self.encoder.eval()  # frozen parts never leave eval mode
+        self.language_model.eval()
+        return self
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.encoder.preprocess(images).to(self.prompt_ids.device)  # [batch, 3, H, W]
+
+    def image_prompts(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(pixels)  # [batch, n_tok, d_enc]
+        return self.projection(features.to(next(self.projection.parameters()).dtype))  # [batch, n_img, d_lm]
+
+    def input_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image prompts followed by the embedded text prompt: [batch, n_img + n_text, d_lm]."""
+        prompts = self.image_prompts(pixels)
+        text = self.lm.embed_tokens(self.prompt_ids.expand(len(pixels), -1))  # [batch, n_text, d_lm]
+        return torch.cat([prompts.to(text.dtype), text], dim=1)
+
+    @torch.no_grad()
+    def generate(self, pixels: torch.Tensor, max_new_tokens: int = 20) -> list[list[int]]:
+        """Greedy decoding; each caption's token ids, without the end-of-text token."""
+        eos = self.tokenizer.eos_token_id
+        vocab = self.lm.vocab_size  # LiMBeR's GPT-J has unembedding rows beyond the real vocabulary
+        output = self.language_model(inputs_embeds=self.input_embeddings(pixels), use_cache=True)
+        tokens = []  # each [batch]
+        finished = torch.zeros(len(pixels), dtype=torch.bool, device=pixels.device)
+        for step in range(max_new_tokens):
+            next_ids = output.logits[:, -1, :vocab].argmax(dim=-1)  # [batch]
+            tokens.append(next_ids)
+            finished |= next_ids == eos
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            output = self.language_model(
+                input_ids=next_ids[:, None], past_key_values=output.past_key_values, use_cache=True
+            )
+        captions = []
+        for row in torch.stack(tokens, dim=1).tolist():  # [batch, steps]
+            captions.append(row[: row.index(eos)] if eos in row else row)
+        return captions
+
+    @torch.no_grad()
+    def caption(self, images: Sequence[Image.Image], max_new_tokens: int = 20, batch_size: int = 16) -> list[str]:
+        """Greedy captions of PIL images, with the whole model in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            captions = []
+            for start in range(0, len(images), batch_size):
+                pixels = self.preprocess(images[start : start + batch_size])
+                for ids in self.generate(pixels, max_new_tokens):
+                    captions.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+            return captions
+        finally:
+            self.train(was_training)
+
+    @classmethod
+    def from_config(cls, cfg, device: str = "cpu") -> Captioner:
+        """Build from the `encoder`, `projection` and `lm` config groups.
+
+        Widths are checked from the LM's config before its weights load, so a
+        mismatch is reported in seconds, not after loading a 6B model.
+        """
+        from transformers import AutoConfig
+
+        encoder = load_encoder(cfg.encoder.kind, cfg.encoder.name_or_path, pretrained=cfg.encoder.pretrained)
+        lm_width = AutoConfig.from_pretrained(cfg.lm.name_or_path, revision=cfg.lm.revision).hidden_size
+        projection = load_projection(cfg.projection, encoder.width, lm_width)
+        check_widths(encoder.width, projection, lm_width, where=f" between encoder={cfg.encoder.name_or_path}, "
+                     f"projection={cfg.projection.checkpoint} and lm={cfg.lm.name_or_path}")
+        lm = LanguageModel.from_pretrained(cfg.lm.name_or_path, dtype=cfg.lm.dtype, revision=cfg.lm.revision, device=device)
+        return cls(encoder, projection, lm).to(device).eval()
+
+
+def load_projection(cfg, d_enc: int, d_lm: int) -> Projection:
+    """A saved projection (folder), LiMBeR's `proj.ckpt`, or a fresh one when `checkpoint` is null."""
+    if cfg.checkpoint is None:
+        return Projection(d_enc, d_lm, kind=cfg.kind, n_out_tokens=cfg.n_out_tokens, dropout=cfg.dropout)
+    path = Path(cfg.checkpoint)
+    if path.is_file():
+        return Projection.from_limber_checkpoint(path, dropout=cfg.dropout)
+    return Projection.load(path)
