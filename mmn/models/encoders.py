@@ -27,9 +27,10 @@ checkpoints (`*-pt22k`) are `BeitForMaskedImageModeling` checkpoints: their trai
 is the masked-image-modeling head's top-level `layernorm.*`, which `BeitModel` does not load
 (an "unexpected key"). Hugging Face's conversion script built them from a default
 `BeitConfig()` (use_mean_pooling True) and loaded them strictly without any `beit.layernorm`,
-so for microsoft/beit-large-patch16-224-pt22k `BeitModel`'s layernorm should be the identity
-and LiMBeR's features the last block's output with no final norm (inferred from the conversion
-code; not checked against the hub files, which are out of reach here). Whatever the checkpoint
+and the published config of microsoft/beit-base-patch16-224-pt22k says
+`"use_mean_pooling": true`. So for the pt22k checkpoints `BeitModel`'s layernorm is the
+identity and LiMBeR's features are the last block's output with no final norm (for the
+large checkpoint this follows from the same conversion; its files are out of reach here). Whatever the checkpoint
 holds, this encoder returns exactly what LiMBeR fed its projection,
 `BeitModel.from_pretrained(path).last_hidden_state[:, 1:]`, and says in `final_norm_applied`
 whether a LayerNorm was part of it; it warns when that LayerNorm was freshly initialised
