@@ -34,3 +34,13 @@ def test_world_folder_is_keyed_by_its_configuration():
     assert base.world.dir != other.world.dir
     assert base.lm.name_or_path == f"{base.world.dir}/lm"
     assert compose().world.dir == base.world.dir
+
+
+def test_world_config_mirrors_the_builders_defaults():
+    import json
+
+    from mmn.world.build import DEFAULT_WORLD
+
+    world = OmegaConf.to_container(compose().world, resolve=True)
+    del world["dir"]
+    assert world == json.loads(json.dumps(DEFAULT_WORLD))  # tuples as lists, as YAML has them

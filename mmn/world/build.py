@@ -1,0 +1,238 @@
+"""Build the whole Shapes world once, cache it, and summarise it.
+
+`build_world(cfg, out_dir)` writes, under out_dir:
+
+    data/train/00000.tar ...        training pairs, CC3M webdataset layout  (generator.generate)
+    data/coco/annotations, val2017  evaluation split, COCO 2017 layout
+    lm/                             part (a): tokenizer + GPT-J trained on text only   (text_lm)
+    encoder/                        part (b): BEiT pre-trained on images only (MIM)    (image_encoder)
+    clip/                           part (c): open_clip CLIP, the CLIPScore scorer      (clip)
+    world.json                      the resolved config, metrics, timings, data summary
+
+Each part is trained without the other modality, from its own data: the LM on captions of
+scenes that are never rendered (`text_corpus`), the encoder and CLIP on in-memory renders
+(`render_batch`) that are not the training shards. Held-out metrics use a different seed.
+
+Caching: world.json is written last and atomically. A call whose resolved config (and
+WORLD_FORMAT) equals the stored one returns the stored info without work; anything else
+(or force=True) deletes the managed sub-folders and world.json and rebuilds, so a killed
+build is redone and a smaller rebuild never leaves stale shards behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from mmn.world import generator
+from mmn.world.clip import ClipConfig, train_clip
+from mmn.world.image_encoder import EncoderConfig, train_image_encoder
+from mmn.world.text_lm import TextLMConfig, train_text_lm
+
+log = logging.getLogger(__name__)
+
+WORLD_FORMAT = 1  # bump when the build code changes what it produces, so caches rebuild
+WORLD_FILE = "world.json"
+MANAGED = ("data", "lm", "encoder", "clip")  # sub-folders a rebuild owns (and deletes)
+HELD_OUT_SEED_OFFSET = 1  # held-out texts and renders use seed + 1: disjoint from training
+
+SECTIONS = {"lm": TextLMConfig, "encoder": EncoderConfig, "clip": ClipConfig}
+
+DEFAULT_WORLD: dict[str, Any] = {
+    "seed": 0,
+    "scenes": {},       # SceneConfig overrides (generator.SceneConfig fields); {} = its defaults
+    "n_train": 3000,    # training pairs written as webdataset shards (for the projection)
+    "n_eval": 500,      # COCO-style evaluation images
+    "lm": asdict(TextLMConfig()),
+    "encoder": asdict(EncoderConfig()),
+    "clip": asdict(ClipConfig()),
+}
+
+
+def _plain(cfg: Any) -> Any:
+    """DictConfig / dataclass / tuples -> JSON-like plain data (what world.json stores)."""
+    if hasattr(cfg, "_metadata") and hasattr(cfg, "_get_node"):  # an OmegaConf node
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return json.loads(json.dumps(cfg, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else list(o)))
+
+
+def resolve_world_config(cfg: Mapping | None = None) -> dict:
+    """DEFAULT_WORLD overlaid with `cfg`; unknown keys and bad values raise ValueError naming them."""
+    given = _plain(cfg) if cfg is not None else {}
+    if not isinstance(given, dict):
+        raise ValueError(f"world config must be a mapping, got {type(cfg).__name__}")
+    unknown = sorted(set(given) - set(DEFAULT_WORLD))
+    if unknown:
+        raise ValueError(f"unknown world config key(s) {unknown}; known: {sorted(DEFAULT_WORLD)}")
+    resolved = copy.deepcopy(DEFAULT_WORLD)
+    for key, value in given.items():
+        if key in SECTIONS:
+            known = {f.name for f in fields(SECTIONS[key])}
+            bad = sorted(set(value or {}) - known)
+            if bad:
+                raise ValueError(f"unknown key(s) {bad} in world config section '{key}'; known: {sorted(known)}")
+            resolved[key].update(value or {})
+        elif key == "scenes":
+            resolved[key] = dict(value or {})
+        else:
+            resolved[key] = value
+    generator.scene_config(resolved["scenes"])  # raises on unknown / bad scene keys
+    for key in ("seed", "n_train", "n_eval"):
+        if not isinstance(resolved[key], int) or (key != "seed" and resolved[key] < 1):
+            raise ValueError(f"world config '{key}' must be an integer{' >= 1' if key != 'seed' else ''}, got {resolved[key]!r}")
+    clip = resolved["clip"]
+    if clip["n_eval_pairs"] < clip["retrieval_pool"]:
+        raise ValueError(f"world config clip.n_eval_pairs={clip['n_eval_pairs']} is smaller than "
+                         f"clip.retrieval_pool={clip['retrieval_pool']}")
+    scene_size = resolved["scenes"].get("image_size", generator.SceneConfig.image_size)
+    if scene_size != resolved["encoder"]["image_size"]:
+        raise ValueError(f"world config scenes.image_size ({scene_size}) and encoder.image_size "
+                         f"({resolved['encoder']['image_size']}) must agree")
+    return _plain(resolved)
+
+
+def world_paths(out_dir: str | Path) -> dict[str, str]:
+    """Where the parts of a world built in out_dir live (absolute paths)."""
+    root = Path(out_dir).resolve()
+    return {
+        "root": str(root),
+        "train_shards": str(root / "data" / "train"),
+        "coco_root": str(root / "data" / "coco"),
+        "lm": str(root / "lm"),
+        "encoder": str(root / "encoder"),
+        "clip": str(root / "clip"),
+        "world_json": str(root / WORLD_FILE),
+    }
+
+
+def load_world(out_dir: str | Path) -> dict | None:
+    """The stored world info of out_dir (paths made absolute for where it is now), or None."""
+    path = Path(out_dir) / WORLD_FILE
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    info["paths"] = world_paths(out_dir)
+    return info
+
+
+def build_world(cfg: Mapping | None = None, out_dir: str | Path = "world", force: bool = False) -> dict:
+    """Generate the data and train the three parts into out_dir; cached on the resolved config.
+
+    Returns the world info: {"format", "config", "paths", "data" (generator summary),
+    "metrics": {"lm", "encoder", "clip"}, "timings_s": {stage: seconds, "total"}}.
+    """
+    resolved = resolve_world_config(cfg)
+    out_dir = Path(out_dir)
+    cached = load_world(out_dir)
+    if (not force and cached is not None and cached.get("format") == WORLD_FORMAT
+            and cached.get("config") == resolved and all((out_dir / name).is_dir() for name in MANAGED)):
+        log.info("Shapes world in %s is up to date (config unchanged); nothing to do", out_dir)
+        return cached
+
+    # Start clean: a stale world.json must never describe half-rebuilt parts.
+    (out_dir / WORLD_FILE).unlink(missing_ok=True)
+    for name in MANAGED:
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    seed, held_out_seed = resolved["seed"], resolved["seed"] + HELD_OUT_SEED_OFFSET
+    scenes = generator.scene_config(resolved["scenes"])
+    lm_cfg = TextLMConfig(**resolved["lm"])
+    encoder_cfg = EncoderConfig(**resolved["encoder"])
+    clip_cfg = ClipConfig(**resolved["clip"])
+    torch.manual_seed(seed)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def stage(name: str, since: float) -> float:
+        timings[name] = round(time.perf_counter() - since, 2)
+        log.info("Shapes world: %s took %.1f s", name, timings[name])
+        return time.perf_counter()
+
+    clock = time.perf_counter()
+    data_summary = generator.generate(out_dir / "data", n_train=resolved["n_train"], n_eval=resolved["n_eval"],
+                                      seed=seed, cfg=scenes)
+    clock = stage("data", clock)
+
+    # (a) text only: captions of scenes that are never rendered
+    train_texts = generator.text_corpus(lm_cfg.n_texts, seed, scenes)
+    eval_texts = generator.text_corpus(lm_cfg.n_eval_texts, held_out_seed, scenes)
+    clock = stage("lm_corpus", clock)
+    lm_metrics = train_text_lm(train_texts, eval_texts, out_dir / "lm", lm_cfg, seed=seed)
+    clock = stage("lm", clock)
+
+    # (b) and (c): one in-memory render serves both (the encoder never sees its captions)
+    n_images = max(encoder_cfg.n_images, clip_cfg.n_pairs)
+    n_held_out = max(encoder_cfg.n_eval_images, clip_cfg.n_eval_pairs)
+    images, captions = generator.render_batch(seed, n_images, scenes)
+    held_out_images, held_out_captions = generator.render_batch(held_out_seed, n_held_out, scenes)
+    clock = stage("render", clock)
+    encoder_metrics = train_image_encoder(images[: encoder_cfg.n_images], held_out_images[: encoder_cfg.n_eval_images],
+                                          out_dir / "encoder", encoder_cfg, seed=seed)
+    clock = stage("encoder", clock)
+    clip_metrics = train_clip(images[: clip_cfg.n_pairs], captions[: clip_cfg.n_pairs],
+                              held_out_images[: clip_cfg.n_eval_pairs], held_out_captions[: clip_cfg.n_eval_pairs],
+                              out_dir / "clip", clip_cfg, seed=seed,
+                              swap_words={"shape": list(scenes.shapes), "colour": list(scenes.colours)})
+    clock = stage("clip", clock)
+    timings["total"] = round(time.perf_counter() - started, 2)
+
+    strip = lambda metrics: {k: v for k, v in metrics.items() if k != "config"}  # noqa: E731 (config is stored once)
+    info = {
+        "format": WORLD_FORMAT,
+        "config": resolved,
+        "data": _plain(data_summary),
+        "metrics": {"lm": strip(lm_metrics), "encoder": strip(encoder_metrics), "clip": strip(clip_metrics)},
+        "timings_s": timings,
+        "torch_threads": torch.get_num_threads(),
+    }
+    tmp = out_dir / (WORLD_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, out_dir / WORLD_FILE)  # last and atomic: its presence means a finished build
+    info["paths"] = world_paths(out_dir)
+    return info
+
+
+def world_summary(info: Mapping) -> str:
+    """A readable multi-line summary of a built world (what build_world / load_world return)."""
+    cfg, data, metrics, timings = info["config"], info["data"], info["metrics"], info["timings_s"]
+    lm, enc, clip = metrics["lm"], metrics["encoder"], metrics["clip"]
+    paths = info.get("paths", {})
+    lines = [
+        f"Shapes world (seed {cfg['seed']}, format {info['format']})",
+        f"  data: {data['n_train']} training pairs (webdataset shards), {data['n_eval']} COCO-style eval images, "
+        f"{data['n_eval_annotations']} eval instances, caption vocabulary {data['vocabulary_size']} words",
+        f"        objects per image {data['objects_per_image']}",
+        "        e.g. " + " | ".join(data["caption_examples"][:3]),
+        f"  LM (GPT-J, text only): held-out perplexity {lm['eval_perplexity']:.2f} "
+        f"(untrained {lm['eval_perplexity_untrained']:.0f}; {lm['n_tokens_real']} real tokens, "
+        f"{lm['n_unembedding_rows']} unembedding rows), trained on {lm['tokens_seen']:,} tokens",
+    ]
+    lines += [f"        greedy: {prompt!r} -> {continuation!r}" for prompt, continuation in lm["greedy"].items()]
+    lines += [
+        f"  encoder (BEiT, images only, MIM): held-out masked-patch MSE {enc['eval_masked_mse']:.4f} "
+        f"(untrained {enc['eval_masked_mse_untrained']:.4f}; baselines: background colour "
+        f"{enc['baseline_background_mse']:.4f}, image mean colour {enc['baseline_mean_colour_mse']:.4f}, "
+        f"zero {enc['baseline_zero_mse']:.4f})",
+        f"  CLIP (open_clip, pairs): held-out retrieval top-1 image->text {clip['i2t_top1']:.2f}, "
+        f"text->image {clip['t2i_top1']:.2f} among {round(1 / clip['chance'])} (chance {clip['chance']:.2f}; "
+        f"untrained {clip['i2t_top1_untrained']:.2f} / {clip['t2i_top1_untrained']:.2f})",
+        "        prefers the true caption over one with a swapped word: "
+        + ", ".join(f"{name} {accuracy:.2f}" for name, accuracy in clip.get("swap_accuracy", {}).items())
+        + " (chance 0.50)",
+        "  time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items()),
+    ]
+    if paths:
+        lines.append("  paths: " + ", ".join(f"{k}={v}" for k, v in paths.items() if k != "root"))
+    return "\n".join(lines)

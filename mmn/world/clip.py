@@ -1,0 +1,236 @@
+"""Shapes world part (c): a small CLIP trained with open_clip on image-caption pairs.
+
+It plays the role of the CLIP ViT that CLIPScore uses on real data, and nothing else: the
+captioner never sees it. It is a real `open_clip.CLIP` (ViT image tower, causal text
+transformer with open_clip's default `SimpleTokenizer`, whose BPE vocabulary of 49408
+ships inside the package) trained with open_clip's `ClipLoss`, and saved in open_clip's
+hub layout so that the real loaders read it:
+
+    open_clip.create_model_and_transforms("local-dir:" + dir)
+    open_clip.get_tokenizer("local-dir:" + dir)
+
+The directory holds `open_clip_config.json` ({"model_cfg": ..., "preprocess_cfg": ...})
+and `open_clip_model.safetensors` (the first name open_clip's factory looks for).
+Images are squash-resized (resize_mode "squash"), like every image path of the world.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import mmn  # noqa: F401  (torchvision shim before open_clip)
+import numpy as np
+import open_clip
+import torch
+from open_clip.loss import ClipLoss
+from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+@dataclass
+class ClipConfig:
+    """Sizes and training budget of the world's CLIP (the `clip` section of the world config)."""
+
+    n_pairs: int = 3000          # image-caption pairs build_world renders for training
+    n_eval_pairs: int = 500      # held-out pairs for retrieval accuracy
+    embed_dim: int = 128
+    image_size: int = 96
+    patch_size: int = 16
+    vision_width: int = 128
+    vision_layers: int = 3
+    vision_head_width: int = 32  # 128 / 32 = 4 heads
+    context_length: int = 32
+    vocab_size: int = 49408      # open_clip's SimpleTokenizer
+    text_width: int = 128
+    text_heads: int = 4
+    text_layers: int = 3
+    batch_size: int = 64
+    steps: int = 300
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    retrieval_pool: int = 100    # retrieval is scored among this many held-out pairs at a time
+
+
+def open_clip_config(cfg: ClipConfig) -> dict:
+    """The content of open_clip_config.json: open_clip's model_cfg and preprocess_cfg."""
+    return {
+        "model_cfg": {
+            "embed_dim": cfg.embed_dim,
+            "vision_cfg": {
+                "image_size": cfg.image_size,
+                "patch_size": cfg.patch_size,
+                "width": cfg.vision_width,
+                "layers": cfg.vision_layers,
+                "head_width": cfg.vision_head_width,
+            },
+            "text_cfg": {
+                "context_length": cfg.context_length,
+                "vocab_size": cfg.vocab_size,
+                "width": cfg.text_width,
+                "heads": cfg.text_heads,
+                "layers": cfg.text_layers,
+            },
+        },
+        "preprocess_cfg": {
+            "size": cfg.image_size,
+            "mode": "RGB",
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "interpolation": "bicubic",
+            "resize_mode": "squash",
+        },
+    }
+
+
+def preprocess_images(images: np.ndarray, cfg: ClipConfig) -> torch.Tensor:
+    """uint8 [n, H, W, 3] -> [n, 3, size, size] through open_clip's own eval transform (the one
+    create_model_and_transforms returns for this config), so training sees what scoring sees."""
+    pp = open_clip_config(cfg)["preprocess_cfg"]
+    transform = open_clip.image_transform(
+        pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
+        resize_mode=pp["resize_mode"], interpolation=pp["interpolation"],
+    )
+    return torch.stack([transform(Image.fromarray(image)) for image in images])
+
+
+@torch.no_grad()
+def retrieval_top1(model: open_clip.CLIP, pixels: torch.Tensor, tokens: torch.Tensor,
+                   captions: Sequence[str], pool: int) -> dict:
+    """Top-1 image->text and text->image retrieval among `pool` held-out pairs at a time
+    (chance = 1 / pool). A retrieved item counts as right when its caption is the same
+    string as the true one (template captions repeat: "two blue triangles")."""
+    model.eval()
+    hits_i2t = hits_t2i = total = 0
+    for start in range(0, len(pixels) - pool + 1, pool):
+        image_features = model.encode_image(pixels[start : start + pool], normalize=True)  # [pool, embed]
+        text_features = model.encode_text(tokens[start : start + pool], normalize=True)     # [pool, embed]
+        similarity = image_features @ text_features.T  # [image, text]
+        chunk = list(captions[start : start + pool])
+        best_text = similarity.argmax(dim=1).tolist()
+        best_image = similarity.argmax(dim=0).tolist()
+        hits_i2t += sum(chunk[j] == chunk[i] for i, j in enumerate(best_text))
+        hits_t2i += sum(chunk[j] == chunk[i] for i, j in enumerate(best_image))
+        total += pool
+    if total == 0:
+        raise ValueError(f"retrieval_top1: need at least clip.retrieval_pool={pool} held-out pairs, got {len(pixels)}")
+    return {"i2t_top1": hits_i2t / total, "t2i_top1": hits_t2i / total, "chance": 1 / pool, "n_eval_pairs": total}
+
+
+@torch.no_grad()
+def swap_accuracy(model: open_clip.CLIP, pixels: torch.Tensor, captions: Sequence[str], words: Sequence[str],
+                  tokenizer, seed: int = 0) -> float:
+    """How often the image is closer to its caption than to the caption with its first word from
+    `words` replaced by another one ("a red star" vs "a red heart"); chance 0.5. Tells whether
+    CLIPScore can tell that kind of word apart."""
+    model.eval()
+    rng = random.Random(seed)
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
+    wins = total = 0
+    for start in range(0, len(pixels), 100):
+        chunk = range(start, min(start + 100, len(pixels)))
+        pairs = [(i, match) for i in chunk if (match := pattern.search(captions[i]))]
+        if not pairs:
+            continue
+        swapped = [captions[i][: m.start()] + rng.choice([w for w in words if w != m.group(1)]) + captions[i][m.end() :]
+                   for i, m in pairs]
+        images = model.encode_image(pixels[[i for i, _ in pairs]], normalize=True)  # [n, embed]
+        true_text = model.encode_text(tokenizer([captions[i] for i, _ in pairs]), normalize=True)
+        swapped_text = model.encode_text(tokenizer(swapped), normalize=True)
+        wins += ((images * true_text).sum(-1) > (images * swapped_text).sum(-1)).sum().item()
+        total += len(pairs)
+    return wins / max(total, 1)
+
+
+def train_clip(
+    train_images: np.ndarray,
+    train_captions: Sequence[str],
+    eval_images: np.ndarray,
+    eval_captions: Sequence[str],
+    out_dir: str | Path,
+    cfg: ClipConfig | None = None,
+    *,
+    seed: int = 0,
+    swap_words: Mapping[str, Sequence[str]] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train a CLIP on (uint8 [n, H, W, 3] image, caption) pairs with open_clip's ClipLoss; save it
+    in open_clip's local-dir layout; return held-out retrieval top-1 (before and after training)
+    and, for each word family in `swap_words` (e.g. {"shape": SHAPES}), `swap_accuracy`."""
+    cfg = cfg or ClipConfig()
+    for name, images, captions in (("train", train_images, train_captions), ("eval", eval_images, eval_captions)):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"train_clip: {name} images must be uint8 [n, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(captions):
+            raise ValueError(f"train_clip: {len(images)} {name} images but {len(captions)} captions")
+    if len(train_images) < cfg.batch_size:
+        raise ValueError(f"train_clip: {len(train_images)} training pairs, fewer than clip.batch_size={cfg.batch_size}")
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    config = open_clip_config(cfg)
+    tokenizer = SimpleTokenizer(context_length=cfg.context_length)
+    train_pixels = preprocess_images(train_images, cfg)  # [n, 3, size, size]
+    eval_pixels = preprocess_images(eval_images, cfg)
+    train_tokens = tokenizer(list(train_captions))     # [n, context_length]
+    eval_tokens = tokenizer(list(eval_captions))
+
+    model = open_clip.CLIP(**config["model_cfg"])
+    before = retrieval_top1(model, eval_pixels, eval_tokens, eval_captions, cfg.retrieval_pool)
+    # no weight decay on gains, biases, embeddings and the temperature, as open_clip's training script
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n and "logit_scale" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n and "logit_scale" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    loss_fn = ClipLoss()
+    generator = torch.Generator().manual_seed(seed)
+    order, position = torch.randperm(len(train_pixels), generator=generator), 0
+    model.train()
+    bar = tqdm(range(cfg.steps), desc="world CLIP (pairs)", disable=not progress)
+    for _ in bar:
+        if position + cfg.batch_size > len(order):  # next epoch
+            order, position = torch.randperm(len(train_pixels), generator=generator), 0
+        batch = order[position : position + cfg.batch_size]
+        position += cfg.batch_size
+        image_features, text_features, logit_scale = model(train_pixels[batch], train_tokens[batch])
+        loss = loss_fn(image_features, text_features, logit_scale)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # as open_clip's training script: temperature at most 100
+            model.logit_scale.clamp_(0, np.log(100))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    after = retrieval_top1(model, eval_pixels, eval_tokens, eval_captions, cfg.retrieval_pool)
+    swaps = {name: swap_accuracy(model, eval_pixels, eval_captions, words, tokenizer, seed)
+             for name, words in (swap_words or {}).items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
+    metrics = {
+        **after,
+        "swap_accuracy": swaps,  # chance 0.5
+        "i2t_top1_untrained": before["i2t_top1"],
+        "t2i_top1_untrained": before["t2i_top1"],
+        "n_train_pairs": len(train_pixels),
+        "logit_scale": model.logit_scale.detach().exp().item(),
+        "config": asdict(cfg),
+        "seconds": time.perf_counter() - started,
+    }
+    (out_dir / "world_part.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,239 @@
+"""Shapes world part (a): a byte-level BPE tokenizer and a small GPT-J trained on text only.
+
+The world's language model plays GPT-J 6B's role: a causal LM that has only ever read
+text (the generator's caption corpus, scenes described but never rendered). It is a real
+`GPTJForCausalLM` (rotary attention, parallel attention + MLP blocks, gelu_new MLP,
+untied lm_head) saved with `save_pretrained`, next to a GPT-2-style byte-level BPE
+tokenizer trained with the `tokenizers` library, so every loader that reads
+`EleutherAI/gpt-j-6b` reads this directory too:
+
+    LanguageModel.from_pretrained(dir)            # mmn.models.lm
+    AutoTokenizer.from_pretrained(dir)            # GPT2Tokenizer (tokenizers backend)
+    GPTJForCausalLM.from_pretrained(dir)
+
+As in GPT-J, "<|endoftext|>" is the one special token (bos = eos = unk = pad), and the
+unembedding has more rows than the tokenizer has tokens (GPT-J: 50400 rows for 50257
+tokens): rows past `len(tokenizer)` are never a training target, so code that decodes
+through the unembedding must only count real rows.
+
+Training packs captions separated by "<|endoftext|>" into one token stream and trains on
+random windows of `seq_len` tokens, so the model sees long contexts and late positions
+(the captioner feeds 196 image prompts + a few text tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import mmn  # noqa: F401  (torchvision shim before transformers)
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
+from transformers import GPT2Tokenizer, GPTJConfig, GPTJForCausalLM, get_cosine_schedule_with_warmup
+
+END_OF_TEXT = "<|endoftext|>"
+GREEDY_PROMPTS = ("A picture of", "A picture of a red", "A picture of two")  # reported after training
+
+
+@dataclass
+class TextLMConfig:
+    """Sizes and training budget of the world's LM (the `lm` section of the world config)."""
+
+    n_texts: int = 40000          # corpus captions build_world draws for training (text only)
+    n_eval_texts: int = 1000      # held-out captions (disjoint seed) for perplexity
+    vocab_size: int = 1024        # BPE target size; the world's ~60-word corpus saturates at ~450 tokens
+                                  # (256 bytes + merges: BPE merges stop inside words)
+    pad_vocab_to: int = 64        # unembedding rows rounded up to a multiple of this, like GPT-J
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    rotary_dim: int = 16
+    n_inner: int = 512
+    n_positions: int = 320        # room for 196 image prompts + prompt + a long caption
+    seq_len: int = 256            # tokens per training window
+    batch_size: int = 16
+    steps: int = 200
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024) -> GPT2Tokenizer:
+    """Byte-level BPE like GPT-2's, trained on `texts`; "<|endoftext|>" is bos/eos/unk/pad.
+
+    Byte-level: every string is encodable (no unknown tokens), words carry their leading
+    space ("Ġcircle"), exactly as in GPT-2 / GPT-J's tokenizer.
+    """
+    if not texts:
+        raise ValueError("train_tokenizer: got no texts to train on")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    return GPT2Tokenizer(
+        tokenizer_object=bpe,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        unk_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        add_prefix_space=False,
+    )
+
+
+def pack_texts(tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """One token stream: <|endoftext|> text <|endoftext|> text ... <|endoftext|>.  # [n_tokens]"""
+    eos = tokenizer.eos_token_id
+    stream = [eos]
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(eos)
+    return torch.tensor(stream, dtype=torch.long)
+
+
+def build_model(cfg: TextLMConfig, n_tokens: int, eos_token_id: int) -> GPTJForCausalLM:
+    """A randomly initialised GPT-J with `n_tokens` real tokens (rows padded like GPT-J's)."""
+    if cfg.seq_len > cfg.n_positions:
+        raise ValueError(f"lm.seq_len={cfg.seq_len} exceeds lm.n_positions={cfg.n_positions}")
+    n_rows = math.ceil(n_tokens / cfg.pad_vocab_to) * cfg.pad_vocab_to
+    config = GPTJConfig(
+        vocab_size=n_rows,
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        rotary_dim=cfg.rotary_dim,
+        n_inner=cfg.n_inner,
+        activation_function="gelu_new",
+        tie_word_embeddings=False,  # GPT-J's lm_head is its own matrix
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPTJForCausalLM(config)
+
+
+@torch.no_grad()
+def mean_loss(model: GPTJForCausalLM, stream: torch.Tensor, seq_len: int, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy over `stream` cut into consecutive windows of `seq_len`."""
+    model.eval()
+    n_windows = max(1, (len(stream) - 1) // seq_len)
+    windows = stream[: n_windows * seq_len + 1]
+    total, count = 0.0, 0
+    for start in range(0, n_windows, batch_size):
+        stop = min(start + batch_size, n_windows)
+        ids = torch.stack([windows[i * seq_len : i * seq_len + seq_len] for i in range(start, stop)])  # [batch, pos]
+        if len(ids[0]) < 2:
+            continue
+        logits = model(input_ids=ids).logits[:, :-1]  # [batch, pos-1, vocab]
+        targets = ids[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        total += loss.item()
+        count += targets.numel()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def greedy_continuations(model: GPTJForCausalLM, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16) -> list[str]:
+    """Greedy continuation of each prompt, cut at the first <|endoftext|>."""
+    model.eval()
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )[0, ids.shape[1] :]
+        out.append(tokenizer.decode(generated, skip_special_tokens=True))
+    return out
+
+
+def train_text_lm(
+    train_texts: Sequence[str],
+    eval_texts: Sequence[str],
+    out_dir: str | Path,
+    cfg: TextLMConfig | None = None,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Train tokenizer + GPT-J on `train_texts`, save both to `out_dir`, return held-out metrics.
+
+    Returns eval_loss / eval_perplexity (per token on the packed held-out captions), the
+    same for the untrained model (a baseline), vocabulary sizes, greedy continuations of
+    "A picture of", and the wall time.
+    """
+    cfg = cfg or TextLMConfig()
+    if not train_texts or not eval_texts:
+        raise ValueError(f"train_text_lm: need training and held-out texts, got {len(train_texts)} and {len(eval_texts)}")
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+
+    tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
+    tokenizer.model_max_length = cfg.n_positions
+    train_stream = pack_texts(tokenizer, train_texts)  # [n_tokens]
+    eval_stream = pack_texts(tokenizer, eval_texts)
+    if len(train_stream) <= cfg.seq_len:
+        raise ValueError(f"train_text_lm: the corpus has {len(train_stream)} tokens, fewer than lm.seq_len={cfg.seq_len}")
+
+    model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
+    eval_loss_init = mean_loss(model, eval_stream, cfg.seq_len)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    window_rng = torch.Generator().manual_seed(seed)
+    model.train()
+    bar = tqdm(range(cfg.steps), desc="world LM (text only)", disable=not progress)
+    for _ in bar:
+        # random windows of the stream: captions start anywhere, so every position is trained
+        starts = torch.randint(0, len(train_stream) - cfg.seq_len, (cfg.batch_size,), generator=window_rng)
+        ids = torch.stack([train_stream[s : s + cfg.seq_len] for s in starts.tolist()])  # [batch, pos]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    eval_loss = mean_loss(model, eval_stream, cfg.seq_len)
+    continuations = greedy_continuations(model, tokenizer, GREEDY_PROMPTS)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    tokenizer.backend_tokenizer.model.save(str(out_dir))  # vocab.json + merges.txt, GPT-2's slow-format files
+    metrics = {
+        "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(eval_loss),
+        "eval_perplexity_untrained": math.exp(eval_loss_init),
+        "n_tokens_real": len(tokenizer),
+        "n_unembedding_rows": model.config.vocab_size,
+        "n_train_tokens": len(train_stream),
+        "n_eval_tokens": len(eval_stream),
+        "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "greedy": dict(zip(GREEDY_PROMPTS, continuations)),
+        "config": asdict(cfg),
+        "seconds": time.perf_counter() - started,
+    }
+    (out_dir / "world_part.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,203 @@
+"""The Shapes world's three parts on tiny budgets, loaded back through the real loaders, and
+build_world's cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mmn  # noqa: F401  (torchvision shim first)
+import numpy as np
+import pytest
+import torch
+
+from mmn.world import generator
+from mmn.world.build import build_world, resolve_world_config, world_summary
+from mmn.world.clip import ClipConfig, train_clip
+from mmn.world.image_encoder import (EncoderConfig, MaskedImageModel, object_like_patches, patch_targets, sample_mask,
+                                    to_pixels, train_image_encoder)
+from mmn.world.text_lm import TextLMConfig, train_text_lm
+
+TINY_LM = dict(n_texts=800, n_eval_texts=100, vocab_size=400, n_layer=2, n_embd=64, n_head=4, rotary_dim=8,
+               n_inner=128, n_positions=96, seq_len=64, batch_size=8, steps=60, lr=3e-3, warmup_steps=5)
+TINY_ENCODER = dict(n_images=24, n_eval_images=8, image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, position_bias_slopes=(1.0, 0.0), intermediate_size=64, target_pixels=4,
+                    batch_size=8, steps=30, lr=3e-3,
+                    warmup_steps=3)
+TINY_CLIP = dict(n_pairs=32, n_eval_pairs=20, embed_dim=16, image_size=32, patch_size=16, vision_width=32,
+                 vision_layers=1, vision_head_width=16, context_length=16, text_width=32, text_heads=2, text_layers=1,
+                 batch_size=16, steps=4, warmup_steps=1, retrieval_pool=10)
+
+
+def test_text_lm_trains_saves_and_loads_like_gptj(tmp_path):
+    from transformers import AutoTokenizer, GPTJForCausalLM
+
+    cfg = TextLMConfig(**TINY_LM)
+    metrics = train_text_lm(generator.text_corpus(800, 0), generator.text_corpus(100, 1), tmp_path, cfg, progress=False)
+    # held-out perplexity after 60 steps is far below the untrained model's (~ vocabulary size)
+    assert metrics["eval_perplexity"] < 0.25 * metrics["eval_perplexity_untrained"]
+    assert metrics["n_unembedding_rows"] % cfg.pad_vocab_to == 0
+    assert metrics["n_unembedding_rows"] >= metrics["n_tokens_real"]
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        assert (tmp_path / name).is_file(), name
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    model = GPTJForCausalLM.from_pretrained(tmp_path)
+    assert model.config.model_type == "gptj" and not model.config.tie_word_embeddings
+    assert tokenizer.eos_token == tokenizer.bos_token == tokenizer.pad_token == "<|endoftext|>"
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    caption = "A picture of a red circle to the left of two blue stars"
+    ids = tokenizer(caption)["input_ids"]
+    assert tokenizer.decode(ids) == caption
+    assert tokenizer.convert_ids_to_tokens(tokenizer(" circle")["input_ids"]) == ["Ġcircle"]  # GPT-2 style, one token
+
+    # the loaded model computes the same held-out loss as the trained one did
+    from mmn.world.text_lm import mean_loss, pack_texts
+
+    stream = pack_texts(tokenizer, generator.text_corpus(100, 1))
+    assert math.isclose(mean_loss(model, stream, cfg.seq_len), metrics["eval_loss"], rel_tol=1e-4)
+
+    lm_module = pytest.importorskip("mmn.models.lm")
+    lm = lm_module.LanguageModel.from_pretrained(str(tmp_path))
+    assert (lm.n_layers, lm.d_model, lm.d_mlp) == (2, 64, 128)
+    assert lm.vocab_size == len(tokenizer)
+
+
+def test_masking_targets_and_position_bias():
+    image = np.full((2, 64, 64, 3), 240, np.uint8)  # light background
+    image[0, :16, 16:32] = (220, 30, 30)  # image 0: a red block filling patch (0, 1)
+    pixels = to_pixels(torch.from_numpy(image))
+    objects = object_like_patches(pixels, 16)  # [2, 16]
+    assert objects[0].nonzero().flatten().tolist() == [1] and not objects[1].any()
+
+    targets = patch_targets(pixels, 16, 4)  # [2, 16, 48]: 4 x 4 pooled pixels x 3 channels
+    assert targets.shape == (2, 16, 48)
+    red = (torch.tensor([220.0, 30.0, 30.0]) / 255 - 0.5) / 0.5
+    assert torch.allclose(targets[0, 1].view(16, 3), red.expand(16, 3))
+    assert torch.allclose(targets[0, 0].view(16, 3), torch.full((16, 3), (240 / 255 - 0.5) / 0.5))
+
+    cfg = EncoderConfig(image_size=64, hidden_size=32, num_hidden_layers=1, intermediate_size=64, target_pixels=4,
+                        mask_prob_object=1.0, mask_prob_background=0.0)
+    masked = sample_mask(pixels, cfg, torch.Generator().manual_seed(0))
+    assert masked[0].nonzero().flatten().tolist() == [1]  # the object patch, and only it
+    assert masked[1].sum() == 1  # an image without objects still gets one masked patch
+
+    model = MaskedImageModel(cfg)
+    table = model.encoder.shared_position_bias.relative_position_bias_table  # [7 * 7 + 3, heads]
+    center = 3 * 7 + 3  # relative offset (0, 0)
+    assert table[center].tolist() == [0.0] * 4
+    assert torch.allclose(table[center + 1], torch.tensor([-2.0, -1.0, -0.5, 0.0]))  # one patch to the side
+    assert torch.allclose(table[center + 7 + 1], -torch.tensor([2.0, 1.0, 0.5, 0.0]) * 2**0.5)  # diagonal
+    # at init the head predicts ~the background colour, so the loss starts near the background baseline
+    assert model.loss(pixels, masked).item() < 2.0
+
+
+def test_image_encoder_trains_and_saves_like_beit(tmp_path):
+    from transformers import BeitImageProcessor, BeitModel
+
+    cfg = EncoderConfig(**TINY_ENCODER)
+    scenes = {"image_size": 64}
+    train_images, _ = generator.render_batch(0, cfg.n_images, scenes)
+    eval_images, _ = generator.render_batch(1, cfg.n_eval_images, scenes)
+    metrics = train_image_encoder(train_images, eval_images, tmp_path, cfg, progress=False)
+    assert metrics["eval_masked_mse"] < metrics["eval_masked_mse_untrained"]
+    assert metrics["eval_masked_mse"] < metrics["baseline_zero_mse"]
+
+    model = BeitModel.from_pretrained(tmp_path)
+    processor = BeitImageProcessor.from_pretrained(tmp_path)
+    assert processor.do_center_crop is False and processor.do_resize is True
+    assert processor.size == {"height": 64, "width": 64}
+    assert model.config.use_mask_token and not model.config.use_mean_pooling
+    image = generator.render(generator.scene_at(0, "eval", 0, scenes)[0], 64)[0]
+    pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 64, 64)
+    # the processor normalises exactly as training did
+    assert torch.allclose(pixels, to_pixels(torch.from_numpy(np.array(image))[None]), atol=1e-5)
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels).last_hidden_state
+    assert hidden.shape == (1, 1 + 16, 32)  # CLS + 4 x 4 patches
+
+    encoders = pytest.importorskip("mmn.models.encoders")
+    encoder = encoders.load_encoder("beit", str(tmp_path))
+    assert (encoder.n_tokens, encoder.width, encoder.grid) == (16, 32, (4, 4))
+    with torch.no_grad():
+        assert torch.allclose(encoder(encoder.preprocess([image])), hidden[:, 1:], atol=1e-5)
+
+    with pytest.raises(ValueError, match="train_images must be uint8"):
+        train_image_encoder(train_images.astype(np.float32), eval_images, tmp_path / "bad", cfg, progress=False)
+
+
+def test_clip_trains_and_loads_through_open_clip_local_dir(tmp_path):
+    import open_clip
+    from PIL import Image
+
+    cfg = ClipConfig(**TINY_CLIP)
+    images, captions = generator.render_batch(0, cfg.n_pairs)
+    eval_images, eval_captions = generator.render_batch(1, cfg.n_eval_pairs)
+    metrics = train_clip(images, captions, eval_images, eval_captions, tmp_path, cfg, progress=False,
+                         swap_words={"shape": generator.SHAPES})
+    assert metrics["chance"] == 0.1 and metrics["n_eval_pairs"] == 20
+    assert set(metrics["swap_accuracy"]) == {"shape"} and 0.0 <= metrics["swap_accuracy"]["shape"] <= 1.0
+    assert 0.0 <= metrics["i2t_top1"] <= 1.0
+
+    config = json.loads((tmp_path / "open_clip_config.json").read_text())
+    assert set(config) == {"model_cfg", "preprocess_cfg"}
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + str(tmp_path))
+    tokenizer = open_clip.get_tokenizer("local-dir:" + str(tmp_path))
+    model.eval()
+    tokens = tokenizer(eval_captions[:3])
+    assert tokens.shape == (3, 16)
+    pixels = torch.stack([preprocess(Image.fromarray(image)) for image in eval_images[:3]])
+    assert pixels.shape == (3, 3, 32, 32)
+    with torch.no_grad():
+        image_features, text_features = model.encode_image(pixels), model.encode_text(tokens)
+    assert image_features.shape == text_features.shape == (3, 16)
+    # the weights that were loaded are the trained ones: same logit scale
+    assert math.isclose(model.logit_scale.detach().exp().item(), metrics["logit_scale"], rel_tol=1e-5)
+
+
+TINY_WORLD = {
+    "seed": 0,
+    "scenes": {"image_size": 64},
+    "n_train": 12,
+    "n_eval": 6,
+    "lm": {**TINY_LM, "n_texts": 400, "n_eval_texts": 50, "steps": 5},
+    "encoder": {**TINY_ENCODER, "steps": 3},
+    "clip": TINY_CLIP,
+}
+
+
+def test_build_world_is_cached_and_rebuilt_on_change(tmp_path):
+    out = tmp_path / "world"
+    info = build_world(TINY_WORLD, out)
+    world_json = out / "world.json"
+    assert world_json.is_file() and not (out / "world.json.tmp").exists()
+    assert sorted(p.name for p in (out / "data" / "train").glob("*.tar")) == ["00000.tar"]
+    assert (out / "data" / "coco" / "annotations" / "instances_val2017.json").is_file()
+    for part in ("lm", "encoder", "clip"):
+        assert (out / part / "world_part.json").is_file()
+    assert set(info["timings_s"]) >= {"data", "lm", "encoder", "clip", "total"}
+    assert info["config"] == resolve_world_config(TINY_WORLD)
+    summary = world_summary(info)
+    assert "perplexity" in summary and "chance 0.10" in summary and "swapped word: shape" in summary
+
+    stamps = {p: p.stat().st_mtime_ns for p in [world_json, out / "lm" / "model.safetensors", out / "clip" / "open_clip_model.safetensors"]}
+    again = build_world(TINY_WORLD, out)  # same config: nothing is redone
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["metrics"] == info["metrics"]
+
+    changed = {**TINY_WORLD, "lm": {**TINY_WORLD["lm"], "steps": 6}}
+    rebuilt = build_world(changed, out)
+    assert world_json.stat().st_mtime_ns != stamps[world_json]
+    assert rebuilt["config"]["lm"]["steps"] == 6
+    assert json.loads(world_json.read_text())["config"]["lm"]["steps"] == 6
+
+
+def test_world_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="n_trian"):
+        resolve_world_config({"n_trian": 10})
+    with pytest.raises(ValueError, match="stepz"):
+        resolve_world_config({"lm": {"stepz": 10}})
+    with pytest.raises(ValueError, match="retrieval_pool"):
+        resolve_world_config({"clip": {"n_eval_pairs": 50}})
+    assert not (tmp_path / "world.json").exists()
