@@ -146,11 +146,18 @@ def test_captions_name_a_shape_first_and_tell_the_geometry():
 def test_text_corpus_is_deterministic_and_teaches_the_prompt():
     corpus = text_corpus(300, seed=3)
     assert corpus == text_corpus(300, seed=3) and corpus != text_corpus(300, seed=4)
-    prefixed = [s for s in corpus if s.startswith(g.TEXT_PREFIXES + ("These are", "Here are"))]
-    assert 40 < len(prefixed) < 150  # about text_prefix_prob = 0.3
-    assert any(s.startswith("A picture of ") for s in corpus)
-    assert not any(s.startswith(("This is two", "This is three")) for s in corpus)
-    assert all(first_shape(s) is not None for s in corpus)
+    sentences = [sentence for document in corpus for sentence in document.split(". ")]
+    assert all(first_shape(s) is not None for s in sentences)
+    assert not any(s.startswith(("This is two", "This is three")) for s in sentences)
+    # Most documents describe their scene again after a prefix, so earlier text predicts later text.
+    repeated = [d for d in corpus if ". " in d]
+    assert 0.6 * len(corpus) < len(repeated) < 0.8 * len(corpus)
+    for document in repeated:
+        later = document.split(". ")[1:]
+        assert all(s.startswith(g.TEXT_PREFIXES + ("These are", "Here are")) for s in later)
+        named = [{first_shape(w) for w in s.replace(",", " ").split() if first_shape(w)} for s in document.split(". ")]
+        assert all(shapes == named[0] for shapes in named), document  # one scene, described again
+    assert any(" A picture of " in f" {d}" for d in corpus)
 
 
 def _decode_annotation(annotation):

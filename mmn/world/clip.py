@@ -57,7 +57,7 @@ class ClipConfig:
     text_heads: int = 4
     text_layers: int = 3
     batch_size: int = 64
-    steps: int = 300
+    steps: int = 220
     lr: float = 1e-3
     warmup_steps: int = 30
     weight_decay: float = 0.1

@@ -407,22 +407,32 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
 
 
 def text_corpus(n: int, seed: int, cfg: SceneConfig | Mapping | None = None) -> list[str]:
-    """n sentences for the world's language model: captions of scenes that are sampled but
-    never rendered (stream "text"), so the LM sees only text. A share `cfg.text_prefix_prob`
-    carries a prefix from TEXT_PREFIXES ("A picture of a red circle", "This is a red circle",
-    "These are two blue triangles") so the LM learns to continue the captioning prompt."""
+    """n short documents for the world's language model, each about one scene that is sampled
+    but never rendered (stream "text"), so the LM sees only text.
+
+    A document describes its scene one to three times in different words ("a red circle next
+    to a blue square. A picture of a blue square and a red circle"). Documents in which earlier
+    text predicts later text are what make an LM read its context, as real LMs do; an LM trained
+    on independent one-line captions learns to ignore everything before the sentence it is in,
+    and then no image prompt can steer it. Descriptions after the first, and a share
+    `cfg.text_prefix_prob` of first ones, carry a prefix from TEXT_PREFIXES, so the LM learns to
+    continue the captioning prompt ("A picture of") with what its context showed."""
     cfg = scene_config(cfg)
-    sentences = []
+    documents = []
     for i in range(n):
         scene, rng = scene_at(seed, "text", i, cfg)
-        caption = describe(scene, rng)
-        if rng.random() < cfg.text_prefix_prob:
-            prefix = str(rng.choice(TEXT_PREFIXES))
-            if prefix in ("This is", "Here is") and caption.split()[0] in NUMBER_WORDS.values():
-                prefix = "These are" if prefix == "This is" else "Here are"
-            caption = f"{prefix} {caption}"
-        sentences.append(caption)
-    return sentences
+        n_descriptions = int(rng.choice([1, 2, 3], p=[0.3, 0.5, 0.2]))
+        sentences = []
+        for j in range(n_descriptions):
+            caption = describe(scene, rng)
+            if j > 0 or rng.random() < cfg.text_prefix_prob:
+                prefix = str(rng.choice(TEXT_PREFIXES))
+                if prefix in ("This is", "Here is") and caption.split()[0] in NUMBER_WORDS.values():
+                    prefix = "These are" if prefix == "This is" else "Here are"
+                caption = f"{prefix} {caption}"
+            sentences.append(caption)
+        documents.append(". ".join(sentences))
+    return documents
 
 
 # ----------------------------------------------------------------------------- writers
