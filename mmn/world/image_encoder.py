@@ -3,8 +3,9 @@
 The world's image encoder plays BEiT-Large pt22k's role (`microsoft/beit-large-patch16-224-pt22k`):
 a ViT that never saw a caption, pre-trained by masked image modelling. It is a real
 `BeitModel` with pt22k's choices (16-pixel patches at 224 -> 14 x 14 = 196 patch tokens,
-shared relative position bias instead of absolute positions, layer scale, a mask token, and
-the final layer norm applied to the whole sequence rather than mean pooling), saved with
+shared relative position bias instead of absolute positions, layer scale, a mask token),
+with its final layer norm kept over the patch tokens (pt22k's `BeitModel` leaves its trained
+final norm out, see `mmn.models.encoders`; here the norm is part of the saved model), saved with
 `save_pretrained` next to a `BeitImageProcessor` that squash-resizes to 224 without centre
 crop. So the real loaders read it:
 
