@@ -9,8 +9,8 @@
     clip/                           part (c): open_clip CLIP, the CLIPScore scorer      (clip)
     world.json                      the resolved config, metrics, timings, data summary
 
-Each part is trained without the other modality, from its own data: the LM on captions of
-scenes that are never rendered (`text_corpus`), the encoder and CLIP on in-memory renders
+Each part is trained without the other modality, from its own data: the LM on short
+documents about scenes that are never rendered (`text_corpus`), the encoder and CLIP on in-memory renders
 (`render_batch`) that are not the training shards. Held-out metrics use a different seed.
 
 Caching: world.json is written last and atomically. A call whose resolved config (and
@@ -165,7 +165,7 @@ def build_world(cfg: Mapping | None = None, out_dir: str | Path = "world", force
                                       seed=seed, cfg=scenes)
     clock = stage("data", clock)
 
-    # (a) text only: captions of scenes that are never rendered
+    # (a) text only: short documents about scenes that are never rendered
     train_texts = generator.text_corpus(lm_cfg.n_texts, seed, scenes)
     eval_texts = generator.text_corpus(lm_cfg.n_eval_texts, held_out_seed, scenes)
     clock = stage("lm_corpus", clock)

@@ -98,7 +98,7 @@ def beit_config(cfg: EncoderConfig) -> BeitConfig:
         use_relative_position_bias=False,
         use_shared_relative_position_bias=True,
         layer_scale_init_value=cfg.layer_scale_init_value,
-        use_mean_pooling=False,  # final layernorm on the sequence, as pt22k
+        use_mean_pooling=False,  # keep the trained final norm inside BeitModel (pt22k keeps it in its MIM head)
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         drop_path_rate=0.0,
