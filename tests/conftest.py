@@ -22,3 +22,16 @@ def _offline_run_directory(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """Overrides that point the config at a tiny Shapes world (conf/world/tiny.yaml), built once
+    per test session in a temporary cache folder, with a few-step training recipe."""
+    from mmn.config import compose
+    from mmn.training.run import ensure_world
+
+    cache = tmp_path_factory.mktemp("cache")
+    overrides = ["world=tiny", "training=tiny", f"paths.cache_dir={cache}"]
+    ensure_world(compose(overrides))
+    return overrides

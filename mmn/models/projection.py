@@ -83,13 +83,18 @@ class Projection(nn.Module):
             "dropout": self.dropout_p,
         }
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write projection.safetensors + projection.json into `directory` (created if needed)."""
+    def save(self, directory: str | os.PathLike, metadata: dict | None = None) -> None:
+        """Write projection.safetensors + projection.json into `directory` (created if needed).
+        `metadata` (e.g. what it was trained with) goes into the JSON under "trained". Each file is
+        written beside its final name and renamed, so a crash never leaves a half-written one."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE))
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2) + "\n")
+        config = self.config() if metadata is None else {**self.config(), "trained": metadata}
+        save_file(tensors, str(directory / (WEIGHTS_FILE + ".tmp")))
+        (directory / (CONFIG_FILE + ".tmp")).write_text(json.dumps(config, indent=2) + "\n")
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(directory / (name + ".tmp"), directory / name)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Projection:

@@ -1,0 +1,76 @@
+"""Experiment loggers from the `logger` config group: W&B (offline by default), CSV, or none.
+
+W&B runs are named after the Hydra job (its overrides, e.g. "encoder=vit_random") and grouped
+by the multirun's sweep folder, so `python train.py -m encoder=a,b` gives two runs in one
+group. W&B's files stay inside the run directory, and offline mode never touches the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+KINDS = ("wandb", "csv", "none")
+
+
+def hydra_run_identity() -> tuple[str | None, str | None]:
+    """(job name from the overrides, sweep group) of the current Hydra job; (None, None) outside one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None, None
+    hydra = HydraConfig.get()
+    overrides = [o for o in hydra.overrides.task if not o.startswith(("hydra.", "logger.", "paths."))]
+    name = ",".join(overrides) or hydra.job.name
+    group = Path(hydra.sweep.dir).name if hydra.mode == RunMode.MULTIRUN else None
+    return name, group
+
+
+def make_loggers(cfg: DictConfig, run_dir: str | Path) -> list:
+    """Lightning loggers for `cfg.logger.kind`; the resolved config is logged as hyperparameters."""
+    kind = cfg.logger.kind
+    if kind not in KINDS:
+        raise ValueError(f"logger.kind={kind!r}: use one of {KINDS}")
+    if kind == "none":
+        return []
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        logger = CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    else:
+        from lightning.pytorch.loggers import WandbLogger
+
+        name, group = hydra_run_identity()
+        logger = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.logger.name or name,
+                             group=cfg.logger.group or group, tags=list(cfg.logger.tags), mode=cfg.logger.mode,
+                             save_dir=str(run_dir), dir=str(run_dir))
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return [logger]
+
+
+def log_captions_table(loggers: Sequence, rows: Sequence[dict], step: int) -> None:
+    """Validation captions with their images as a W&B table (key val/captions); other loggers
+    get the numbers only (the captions are in the run's log)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            columns = ["step", "image", "caption", "first_noun", "objects", "correct", "reference"]
+            data = [[step, wandb.Image(row["image"]), row["caption"], row["first_noun"], row["objects"],
+                     row["correct"], row["reference"]] for row in rows]
+            logger.log_table("val/captions", columns=columns, data=data, step=step)
+
+
+def finish(loggers: Sequence) -> None:
+    """Close W&B runs: their files are complete, and the next job of a multirun (same process)
+    starts a run of its own."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()

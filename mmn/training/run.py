@@ -1,0 +1,238 @@
+"""`python train.py`: build what is missing, then train the projection with Lightning.
+
+    train(cfg)
+      1. the Shapes world, when the config points into it and it is not built yet
+      2. the captioner (encoder + fresh projection + LM); widths checked before the LM loads
+      3. data (mmn.training.data), module (mmn.training.module), loggers, checkpoints, Trainer
+      4. fit (or resume from `ckpt_path`), validate the final projection, write
+         run_dir/projection/ (what analyses load) and run_dir/training_summary.json
+
+Run directory layout:
+    checkpoints/last.ckpt      full Lightning checkpoint (projection, optimiser, step): resume from it
+    projection/                projection.safetensors + projection.json (with the training provenance)
+    training_summary.json      steps, time, steps/s, validation metrics and captions
+    wandb/ or csv/             the logger's files
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from mmn.config import digest, offline_run_environment
+from mmn.data.cc3m import load_pairs
+from mmn.models.captioner import Captioner
+from mmn.training.data import CaptionData
+from mmn.training.loggers import finish, make_loggers
+from mmn.training.module import ProjectionTraining
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- trainer settings
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """`auto`: bf16-mixed where the hardware computes in bf16 natively, else 32-true."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    if accelerator == "cpu" and torch.cpu._is_avx512_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def n_processes(trainer_cfg: DictConfig) -> int:
+    """Training processes: devices per node (-1/"auto": all GPUs, or 1 on CPU) x nodes."""
+    devices = trainer_cfg.devices
+    if devices in (-1, "auto"):
+        devices = torch.cuda.device_count() if trainer_cfg.accelerator in ("gpu", "cuda") else 1
+    elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        devices = len(devices)
+    return max(1, int(devices)) * int(trainer_cfg.num_nodes)
+
+
+def accumulation(training: DictConfig, processes: int) -> int:
+    """Micro-batches per optimiser step so that batch_size x accumulation x processes = global_batch_size."""
+    per_step = training.batch_size * processes
+    if training.global_batch_size % per_step:
+        raise ValueError(f"training.global_batch_size={training.global_batch_size} is not a multiple of "
+                         f"training.batch_size={training.batch_size} x {processes} process(es) = {per_step}")
+    return training.global_batch_size // per_step
+
+
+def check_context_length(captioner: Captioner, training: DictConfig) -> None:
+    """Image prompts + caption (training) and image prompts + "A picture of" + caption (validation)
+    must fit the LM's context; say so before the first step, not as an index error inside it."""
+    config = captioner.lm.model.config
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    n_image = captioner.projection.n_prompt_tokens(captioner.encoder.n_tokens)
+    needed = n_image + max(training.max_caption_tokens + 1, len(captioner.prompt_ids) + training.caption_tokens)
+    if context is not None and needed > context:
+        raise ValueError(f"{n_image} image prompts + up to {needed - n_image} caption tokens = {needed} positions, "
+                         f"but the LM's context is {context}: lower training.max_caption_tokens / "
+                         f"training.caption_tokens or use an encoder with fewer tokens")
+
+
+def make_strategy(name: str, captioner: Captioner):
+    """Lightning strategy by name; FSDP shards the frozen LM block by block."""
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        # use_orig_params: the root unit mixes the trainable projection with frozen weights
+        return FSDPStrategy(auto_wrap_policy={type(captioner.lm.blocks[0])}, use_orig_params=True)
+    return name
+
+
+class ProjectionExport(Callback):
+    """Writes run_dir/projection/ (the small checkpoint analyses load) with every full checkpoint
+    and at the end of training, from the first process only."""
+
+    def __init__(self, folder: Path, provenance: dict):
+        self.folder, self.provenance = folder, provenance
+
+    def export(self, trainer: L.Trainer, module: ProjectionTraining) -> None:
+        if trainer.is_global_zero:
+            module.projection.save(self.folder, metadata={**self.provenance, "step": trainer.global_step})
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        self.export(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.export(trainer, module)
+
+
+class TrainingClock(Callback):
+    """Seconds spent in training steps (data waiting included, validation excluded)."""
+
+    def __init__(self):
+        self.seconds, self.steps, self._started = 0.0, 0, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_index) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index) -> None:
+        self.seconds += time.perf_counter() - self._started
+        self.steps += 1
+        self._started = time.perf_counter()  # waiting for the next batch counts as training time
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def uses_world(cfg: DictConfig) -> bool:
+    world = str(cfg.world.dir)
+    paths = [cfg.lm.name_or_path, cfg.encoder.name_or_path, cfg.data.train.source, cfg.data.eval.root]
+    return any(str(path).startswith(world) for path in paths if path is not None)
+
+
+def ensure_world(cfg: DictConfig) -> None:
+    """Build (or load from the cache) the Shapes world the config points into."""
+    from mmn.world.build import build_world
+
+    spec = OmegaConf.masked_copy(cfg.world, [key for key in cfg.world if key != "dir"])
+    build_world(spec, cfg.world.dir)
+
+
+def feature_cache_folder(cfg: DictConfig) -> str | None:
+    """Cache folder keyed by everything the features depend on: encoder and training pairs."""
+    if not cfg.training.cache_features:
+        return None
+    key = digest(cfg.encoder, cfg.data.train, cfg.training.cache_dtype)
+    return str(Path(cfg.paths.cache_dir) / "features" / f"{Path(str(cfg.encoder.name_or_path)).name}-{key}")
+
+
+# ----------------------------------------------------------------------------- train
+
+def train(cfg: DictConfig) -> dict:
+    """Train the projection as `cfg` says; returns (and writes) the run's summary."""
+    if cfg.paths.output_dir is None:
+        raise ValueError("paths.output_dir is not set: run through train.py (Hydra sets it) or pass it")
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    offline_run_environment(run_dir)
+    if cfg.logger.kind == "wandb":
+        os.environ["WANDB_MODE"] = cfg.logger.mode
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+    if cfg.data.train.source is None:
+        raise ValueError(f"data.train.source is not set for data={cfg.data}: name the training pairs")
+    if uses_world(cfg):
+        ensure_world(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    captioner = Captioner.from_config(cfg)  # raises on a width mismatch before the LM's weights load
+    training = cfg.training
+    check_context_length(captioner, training)
+    processes = n_processes(cfg.trainer)
+    module = ProjectionTraining(captioner, lr=training.lr, betas=training.betas, weight_decay=training.weight_decay,
+                                warmup_steps=training.warmup_steps, seed=cfg.seed,
+                                caption_tokens=training.caption_tokens, table_images=training.table_images)
+    data = CaptionData(
+        open_pairs=lambda: load_pairs(cfg.data.train.source, format=cfg.data.train.format),
+        eval_root=cfg.data.eval.root, eval_split=cfg.data.eval.split, encoder=captioner.encoder,
+        tokenizer=captioner.tokenizer, training=training, seed=cfg.seed, cache_folder=feature_cache_folder(cfg))
+
+    provenance = {"encoder": OmegaConf.to_container(cfg.encoder, resolve=True),
+                  "lm": OmegaConf.to_container(cfg.lm, resolve=True),
+                  "data": OmegaConf.to_container(cfg.data.train, resolve=True)}
+    clock = TrainingClock()
+    callbacks = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=training.checkpoint_every_n_steps,
+                        save_top_k=0, save_last=True),
+        ProjectionExport(run_dir / "projection", provenance),
+        clock,
+    ]
+    loggers = make_loggers(cfg, run_dir)
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
+        strategy=make_strategy(cfg.trainer.strategy, captioner),
+        precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+        max_steps=training.max_steps, accumulate_grad_batches=accumulation(training, processes),
+        gradient_clip_val=training.gradient_clip, val_check_interval=training.val_every_n_steps,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, use_distributed_sampler=False,
+        logger=loggers or False, callbacks=callbacks, log_every_n_steps=training.log_every_n_steps,
+        default_root_dir=str(run_dir), deterministic=False,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    validation = getattr(module, "last_validation", None)
+    if validation is None or validation["step"] != trainer.global_step:
+        trainer.validate(module, datamodule=data, verbose=False)
+        validation = module.last_validation
+
+    weights = torch.cat([p.detach().flatten() for p in module.projection.parameters()])
+    # DDP keeps every rank's projection identical; this checks it
+    rank_difference = (trainer.strategy.all_gather(weights) - weights).abs().max().item() if trainer.world_size > 1 else 0.0
+    summary = {
+        "steps": trainer.global_step,
+        "training_seconds": round(clock.seconds, 2),
+        "steps_per_second": round(clock.steps / clock.seconds, 3) if clock.seconds else None,
+        "steps_this_run": clock.steps,
+        "val/loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),
+        "val/first_noun_accuracy": validation["first_noun_accuracy"],
+        "skipped_images": module.counts["skipped_images"] + (data.cache.state.get("skipped", 0) if data.cache else 0),
+        "truncated_captions": module.counts["truncated_captions"],
+        "precision": trainer.precision,
+        "processes": trainer.world_size,
+        "max_rank_difference": rank_difference,
+        "feature_cache": data.cache.folder.as_posix() if data.cache else None,
+        "projection": str(run_dir / "projection"),
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "captions": validation["captions"],
+    }
+    finish(loggers)
+    if trainer.is_global_zero:
+        (run_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("trained %d steps in %.0f s (%.2f steps/s); first-noun accuracy %.3f; projection -> %s",
+                 summary["steps"], clock.seconds, summary["steps_per_second"] or 0, summary["val/first_noun_accuracy"],
+                 summary["projection"])
+    return summary
