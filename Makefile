@@ -1,5 +1,5 @@
 # The two quick-start commands (see README):
-#   make demo   the main job on the Shapes world
+#   make demo   the main job on the Shapes world: build it if needed, train the projection
 #   make test   the test suite
 # Each creates the local virtual environment .venv on first use; re-running is cheap.
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mmn.world
+	$(PY) train.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
