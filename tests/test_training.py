@@ -202,3 +202,13 @@ def test_width_mismatch_fails_before_the_first_step(tiny_world, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
     with pytest.raises(FileNotFoundError, match="ckpt_path=.*no such checkpoint"):
         train_run(tiny_world, tmp_path / "run", f"ckpt_path={tmp_path / 'missing.ckpt'}", "logger=none")
+
+
+def test_global_batch_must_divide_into_micro_batches():
+    from omegaconf import OmegaConf
+
+    from mmn.training.run import accumulation
+
+    assert accumulation(OmegaConf.create({"global_batch_size": 256, "batch_size": 16}), 4) == 4
+    with pytest.raises(ValueError, match="global_batch_size=100 is not a multiple of.*batch_size=16 x 4"):
+        accumulation(OmegaConf.create({"global_batch_size": 100, "batch_size": 16}), 4)

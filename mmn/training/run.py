@@ -167,11 +167,11 @@ def train(cfg: DictConfig) -> dict:
     if uses_world(cfg):
         ensure_world(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    training = cfg.training
+    accumulate = accumulation(training, n_processes(cfg.trainer))
 
     captioner = Captioner.from_config(cfg)  # raises on a width mismatch before the LM's weights load
-    training = cfg.training
     check_context_length(captioner, training)
-    processes = n_processes(cfg.trainer)
     module = ProjectionTraining(captioner, lr=training.lr, betas=training.betas, weight_decay=training.weight_decay,
                                 warmup_steps=training.warmup_steps, seed=cfg.seed,
                                 caption_tokens=training.caption_tokens, table_images=training.table_images)
@@ -197,7 +197,7 @@ def train(cfg: DictConfig) -> dict:
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
         strategy=make_strategy(cfg.trainer.strategy, captioner),
         precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
-        max_steps=training.max_steps, accumulate_grad_batches=accumulation(training, processes),
+        max_steps=training.max_steps, accumulate_grad_batches=accumulate,
         gradient_clip_val=training.gradient_clip, val_check_interval=training.val_every_n_steps,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, use_distributed_sampler=False,
         logger=loggers or False, callbacks=callbacks, log_every_n_steps=training.log_every_n_steps,
