@@ -205,8 +205,7 @@ class FeatureCache:
         state = self.state
         captions = self.captions() if state["rows"] else []
         n_pairs = len(pairs)
-        probe = encoder(encoder.preprocess([Image.new("RGB", (8, 8))]).to(encoder.device, encoder.dtype))
-        shape = (n_pairs, probe.shape[1], probe.shape[2])  # [n_pairs, n_tok, d_enc]
+        shape = (n_pairs, encoder.n_tokens, encoder.width)  # [n_pairs, n_tok, d_enc]
         path = self.folder / "features.npy"
         if state["rows"] and path.is_file():
             store = np.load(path, mmap_mode="r+")

@@ -27,6 +27,7 @@ from lightning.pytorch import LightningModule
 from mmn.models.captioner import Captioner
 from mmn.models.targets import get_finder
 from mmn.training.data import IGNORE_INDEX, first_noun_names_object
+from mmn.training.loggers import log_captions_table
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,6 @@ class ProjectionTraining(LightningModule):
             shown = rows[: self.table_images]
             log.info("step %d: first-noun accuracy %.3f on %d images; e.g. %s", self.global_step, accuracy, len(rows),
                      "; ".join(f"{row['caption']!r}" for row in shown[:3]))
-            from mmn.training.loggers import log_captions_table
-
             log_captions_table(self.loggers, shown, self.global_step)
         self.last_validation = {"step": self.global_step, "first_noun_accuracy": accuracy,
                                 "captions": [{k: v for k, v in row.items() if k != "image"} for row in rows]}
