@@ -14,16 +14,15 @@ import torch
 from mmn.world import generator
 from mmn.world.build import build_world, resolve_world_config, world_summary
 from mmn.world.clip import ClipConfig, train_clip
-from mmn.world.image_encoder import (EncoderConfig, MaskedImageModel, object_like_patches, patch_targets, sample_mask,
-                                    to_pixels, train_image_encoder)
+from mmn.world.image_encoder import (EncoderConfig, ObjectTokenizer, TokenPredictionModel, kmeans, object_components,
+                                    to_pixels, tokenize, train_image_encoder)
 from mmn.world.text_lm import TextLMConfig, train_text_lm
 
 TINY_LM = dict(n_texts=800, n_eval_texts=100, vocab_size=400, n_layer=2, n_embd=64, n_head=4, rotary_dim=8,
                n_inner=128, n_positions=96, seq_len=64, batch_size=8, steps=60, lr=3e-3, warmup_steps=5)
 TINY_ENCODER = dict(n_images=24, n_eval_images=8, image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=1,
-                    num_attention_heads=2, position_bias_slopes=(1.0, 0.0), intermediate_size=64, target_pixels=4,
-                    batch_size=8, steps=30, lr=3e-3,
-                    warmup_steps=3)
+                    num_attention_heads=2, position_bias_slopes=(1.0, 0.0), intermediate_size=64, outline_tokens=4,
+                    batch_size=8, steps=30, lr=3e-3, warmup_steps=3)
 TINY_CLIP = dict(n_pairs=32, n_eval_pairs=20, embed_dim=16, image_size=32, patch_size=16, vision_width=32,
                  vision_layers=1, vision_head_width=16, context_length=16, text_width=32, text_heads=2, text_layers=1,
                  batch_size=16, steps=4, warmup_steps=1, retrieval_pool=10)
@@ -63,33 +62,54 @@ def test_text_lm_trains_saves_and_loads_like_gptj(tmp_path):
     assert lm.vocab_size == len(tokenizer)
 
 
-def test_masking_targets_and_position_bias():
-    image = np.full((2, 64, 64, 3), 240, np.uint8)  # light background
-    image[0, :16, 16:32] = (220, 30, 30)  # image 0: a red block filling patch (0, 1)
-    pixels = to_pixels(torch.from_numpy(image))
-    objects = object_like_patches(pixels, 16)  # [2, 16]
-    assert objects[0].nonzero().flatten().tolist() == [1] and not objects[1].any()
+def test_object_tokenizer_finds_objects_and_ignores_colour_position_and_scale():
+    image = np.full((1, 64, 64, 3), 240, np.uint8)  # light background
+    image[0, 2:14, 18:30] = (220, 30, 30)           # a red square filling most of patch (0, 1)
+    image[0, 36:60, 36:60] = (30, 70, 220)          # a blue square twice as large over patches (2..3, 2..3)
+    image[0, 30:34, 2:14] = (30, 160, 50)           # a flat green bar over patch (1, 0) and (2, 0), covering neither much
+    image[0, 40, 4] = (30, 70, 220)                 # a one-pixel speck: not an object
+    components = object_components(to_pixels(torch.from_numpy(image)))
+    assert sorted(np.unique(components)) == [0, 1, 2, 3]  # background, the bar and the two squares, no speck
 
-    targets = patch_targets(pixels, 16, 4)  # [2, 16, 48]: 4 x 4 pooled pixels x 3 channels
-    assert targets.shape == (2, 16, 48)
-    red = (torch.tensor([220.0, 30.0, 30.0]) / 255 - 0.5) / 0.5
-    assert torch.allclose(targets[0, 1].view(16, 3), red.expand(16, 3))
-    assert torch.allclose(targets[0, 0].view(16, 3), torch.full((16, 3), (240 / 255 - 0.5) / 0.5))
+    cfg = EncoderConfig(image_size=64, patch_size=16, outline_tokens=2, outline_pixels=8)
+    square = torch.cat([torch.ones(64), torch.tensor([0.5])])  # a full bounding box, height / (height + width) = 1/2
+    tokenizer = ObjectTokenizer(torch.stack([torch.zeros(65), square]), cfg)
+    tokens = tokenizer(torch.from_numpy(image))  # [1, 16], patches row-major; token 2 = background
+    assert [p for p in range(16) if tokens[0, p] != 2] == [1, 10, 11, 14, 15]
+    assert tokens[0, [1, 10, 11, 14, 15]].tolist() == [1] * 5  # one token for both squares: size and colour ignored
 
-    cfg = EncoderConfig(image_size=64, hidden_size=32, num_hidden_layers=1, intermediate_size=64, target_pixels=4,
-                        mask_prob_object=1.0, mask_prob_background=0.0)
-    masked = sample_mask(pixels, cfg, torch.Generator().manual_seed(0))
-    assert masked[0].nonzero().flatten().tolist() == [1]  # the object patch, and only it
-    assert masked[1].sum() == 1  # an image without objects still gets one masked patch
 
-    model = MaskedImageModel(cfg)
+def test_object_tokens_separate_the_worlds_shapes_without_labels():
+    """The outline tokens, fit by k-means on unlabelled renders, never put two shapes in one token."""
+    cfg = EncoderConfig()
+    images, _ = generator.render_batch(0, 150)
+    outline = tokenize(ObjectTokenizer.fit(torch.from_numpy(images), cfg, torch.Generator().manual_seed(0)),
+                       torch.from_numpy(images))  # [150, 196]
+    shapes_of_token: dict[int, set[str]] = {}
+    for index in range(150):
+        scene, _ = generator.scene_at(0, "batch", index)
+        masks = generator.render(scene, 224)[1]
+        for obj, mask in zip(scene.objects, masks):
+            covered = torch.from_numpy(mask).float()[None, None]
+            share = torch.nn.functional.avg_pool2d(covered, 16).flatten()  # [196]
+            for token in outline[index][(share >= 0.5) & (outline[index] < cfg.outline_tokens)].tolist():
+                shapes_of_token.setdefault(token, set()).add(obj.shape)
+    assert all(len(shapes) == 1 for shapes in shapes_of_token.values()), shapes_of_token
+    assert set().union(*shapes_of_token.values()) == set(generator.SHAPES)
+
+
+def test_kmeans_and_position_bias():
+    points = torch.cat([torch.randn(50, 2) * 0.1 + centre for centre in (torch.tensor([0.0, 5.0]), torch.tensor([5.0, 0.0]))])
+    centroids = kmeans(points, 2, torch.Generator().manual_seed(0))
+    assert sorted(centroids.round().tolist()) == [[0.0, 5.0], [5.0, 0.0]]
+
+    cfg = EncoderConfig(image_size=64, hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    model = TokenPredictionModel(cfg)
     table = model.encoder.shared_position_bias.relative_position_bias_table  # [7 * 7 + 3, heads]
     center = 3 * 7 + 3  # relative offset (0, 0)
     assert table[center].tolist() == [0.0] * 4
     assert torch.allclose(table[center + 1], torch.tensor([-2.0, -1.0, -0.5, 0.0]))  # one patch to the side
     assert torch.allclose(table[center + 7 + 1], -torch.tensor([2.0, 1.0, 0.5, 0.0]) * 2**0.5)  # diagonal
-    # at init the head predicts ~the background colour, so the loss starts near the background baseline
-    assert model.loss(pixels, masked).item() < 2.0
 
 
 def test_image_encoder_trains_and_saves_like_beit(tmp_path):
@@ -100,8 +120,8 @@ def test_image_encoder_trains_and_saves_like_beit(tmp_path):
     train_images, _ = generator.render_batch(0, cfg.n_images, scenes)
     eval_images, _ = generator.render_batch(1, cfg.n_eval_images, scenes)
     metrics = train_image_encoder(train_images, eval_images, tmp_path, cfg, progress=False)
-    assert metrics["eval_masked_mse"] < metrics["eval_masked_mse_untrained"]
-    assert metrics["eval_masked_mse"] < metrics["baseline_zero_mse"]
+    assert metrics["eval_token_loss"] < 0.5 * metrics["eval_token_loss_untrained"]
+    assert metrics["eval_object_patches"] > 0 and 0.0 <= metrics["eval_token_accuracy"] <= 1.0
 
     model = BeitModel.from_pretrained(tmp_path)
     processor = BeitImageProcessor.from_pretrained(tmp_path)

@@ -5,7 +5,7 @@
     data/train/00000.tar ...        training pairs, CC3M webdataset layout  (generator.generate)
     data/coco/annotations, val2017  evaluation split, COCO 2017 layout
     lm/                             part (a): tokenizer + GPT-J trained on text only   (text_lm)
-    encoder/                        part (b): BEiT pre-trained on images only (MIM)    (image_encoder)
+    encoder/                        part (b): BEiT pre-trained on images only          (image_encoder)
     clip/                           part (c): open_clip CLIP, the CLIPScore scorer      (clip)
     world.json                      the resolved config, metrics, timings, data summary
 
@@ -40,7 +40,7 @@ from mmn.world.text_lm import TextLMConfig, train_text_lm
 
 log = logging.getLogger(__name__)
 
-WORLD_FORMAT = 2  # bump when the build code changes what it produces, so caches rebuild
+WORLD_FORMAT = 3  # bump when the build code changes what it produces, so caches rebuild
 WORLD_FILE = "world.json"
 MANAGED = ("data", "lm", "encoder", "clip")  # sub-folders a rebuild owns (and deletes)
 HELD_OUT_SEED_OFFSET = 1  # held-out texts and renders use seed + 1: disjoint from training
@@ -223,10 +223,9 @@ def world_summary(info: Mapping) -> str:
     ]
     lines += [f"        greedy: {prompt!r} -> {continuation!r}" for prompt, continuation in lm["greedy"].items()]
     lines += [
-        f"  encoder (BEiT, images only, MIM): held-out masked-patch MSE {enc['eval_masked_mse']:.4f} "
-        f"(untrained {enc['eval_masked_mse_untrained']:.4f}; baselines: background colour "
-        f"{enc['baseline_background_mse']:.4f}, image mean colour {enc['baseline_mean_colour_mse']:.4f}, "
-        f"zero {enc['baseline_zero_mse']:.4f})",
+        f"  encoder (BEiT, images only, object tokens): held-out token loss {enc['eval_token_loss']:.3f} "
+        f"(untrained {enc['eval_token_loss_untrained']:.2f}); token accuracy on object patches "
+        f"{enc['eval_token_accuracy']:.2f} (the most common token: {enc['baseline_majority_token']:.2f})",
         f"  CLIP (open_clip, pairs): held-out retrieval top-1 image->text {clip['i2t_top1']:.2f}, "
         f"text->image {clip['t2i_top1']:.2f} among {round(1 / clip['chance'])} (chance {clip['chance']:.2f}; "
         f"untrained {clip['i2t_top1_untrained']:.2f} / {clip['t2i_top1_untrained']:.2f})",
