@@ -23,6 +23,18 @@ def digest(*parts) -> str:
     return hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def files_fingerprint(name_or_path) -> list:
+    """What a local file or folder holds, cheaply: each file's relative path, size and modification
+    time; [] for anything that is not a local path (a hub id, whose revision is in the config).
+    Part of a cache key, so that a model or dataset rebuilt in place (same path, new contents,
+    as when the Shapes world is rebuilt) gets a new cache instead of stale features."""
+    path = Path(str(name_or_path))
+    if not path.exists():
+        return []
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    return [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
 def offline_run_environment(run_dir: str | Path) -> None:
     """No hub downloads, W&B offline (unless the user asked otherwise), and all of
     W&B's folders inside the run directory so nothing lands in the home folder."""

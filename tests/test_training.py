@@ -21,6 +21,7 @@ from mmn.models.projection import Projection
 from mmn.training import train
 from mmn.training.data import IGNORE_INDEX, CaptionTokenizer, batches_already_drawn, collate
 from mmn.training.module import ProjectionTraining
+from mmn.training.run import feature_cache_folder
 
 REPO = CONFIG_DIR.parent
 
@@ -105,6 +106,20 @@ def test_resumed_workers_skip_their_share_of_batches():
     assert [batches_already_drawn(7, w, 3) for w in range(3)] == [3, 2, 2]
     assert [batches_already_drawn(0, w, 3) for w in range(3)] == [0, 0, 0]
     assert batches_already_drawn(5, 0, 1) == 5
+
+
+def test_feature_cache_follows_the_encoder_files_not_only_its_path(tmp_path):
+    # A Shapes world rebuilt in place keeps its paths but holds a new encoder and new shards.
+    encoder, shards = tmp_path / "encoder", tmp_path / "train"
+    encoder.mkdir(), shards.mkdir()
+    (encoder / "model.safetensors").write_bytes(b"weights, first build")
+    (shards / "shard-000000.tar").write_bytes(b"pairs")
+    cfg = compose([f"encoder.name_or_path={encoder}", f"data.train.source={shards}"])
+    first = feature_cache_folder(cfg)
+    assert feature_cache_folder(cfg) == first
+    (encoder / "model.safetensors").write_bytes(b"weights, second build")  # new size and time
+    assert feature_cache_folder(cfg) != first
+    assert feature_cache_folder(compose([f"data.train.source={shards}", "training.cache_features=false"])) is None
 
 
 def logged_losses(run_dir) -> dict[int, float]:

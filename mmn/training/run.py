@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from mmn.config import digest, offline_run_environment
+from mmn.config import digest, files_fingerprint, offline_run_environment
 from mmn.data.cc3m import load_pairs
 from mmn.models.captioner import Captioner
 from mmn.training.data import CaptionData
@@ -142,10 +142,12 @@ def ensure_world(cfg: DictConfig) -> None:
 
 
 def feature_cache_folder(cfg: DictConfig) -> str | None:
-    """Cache folder keyed by everything the features depend on: encoder and training pairs."""
+    """Cache folder keyed by everything the features depend on: the encoder and the training pairs,
+    by configuration and, where they are local, by the files they hold."""
     if not cfg.training.cache_features:
         return None
-    key = digest(cfg.encoder, cfg.data.train, cfg.training.cache_dtype)
+    key = digest(cfg.encoder, cfg.data.train, cfg.training.cache_dtype,
+                 files_fingerprint(cfg.encoder.name_or_path), files_fingerprint(cfg.data.train.source))
     return str(Path(cfg.paths.cache_dir) / "features" / f"{Path(str(cfg.encoder.name_or_path)).name}-{key}")
 
 

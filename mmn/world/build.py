@@ -40,7 +40,7 @@ from mmn.world.text_lm import TextLMConfig, train_text_lm
 
 log = logging.getLogger(__name__)
 
-WORLD_FORMAT = 3  # bump when the build code changes what it produces, so caches rebuild
+WORLD_FORMAT = 4  # bump when the build code changes what it produces, so caches rebuild
 WORLD_FILE = "world.json"
 MANAGED = ("data", "lm", "encoder", "clip")  # sub-folders a rebuild owns (and deletes)
 HELD_OUT_SEED_OFFSET = 1  # held-out texts and renders use seed + 1: disjoint from training

@@ -33,6 +33,9 @@ adding a pixel loss: 0.43 against 0.92) and learning rate 8e-3 (2e-3: 0.73); a
 small model (width 64, 2 layers) with many small batches; background patches weighted 0.1
 (they are most patches, and easy); and the shared relative position bias starting as
 -slope * distance (one slope per head, the last head global, like ALiBi), so attention starts local.
+Renders are cheap and the model overfits 3,000 of them: 6,000 (same 1,500 steps) raise held-out
+token accuracy from 0.79 to 0.86 and a linear probe of object shape (each object's patches averaged)
+from 0.88 to 0.93; 12,000 add nothing more (0.85, 0.94).
 """
 
 from __future__ import annotations
@@ -57,13 +60,14 @@ OBJECT_PIXEL_THRESHOLD = 0.3  # normalised distance from the median colour that 
 MIN_OBJECT_PIXELS = 30    # smaller components are specks, not objects (the smallest object covers ~300 pixels)
 PATCH_COVER = 0.3         # a patch takes an object's token when the object covers at least this share of it
 BACKGROUND_WEIGHT = 0.1   # loss weight of background patches (about 80% of patches, and easy)
+TOKENIZER_FIT_IMAGES = 1500  # k-means of a dozen outline clusters needs a few thousand objects, not every image's
 
 
 @dataclass
 class EncoderConfig:
     """Sizes and training budget of the world's encoder (the `encoder` section of the world config)."""
 
-    n_images: int = 3000        # images build_world renders for pre-training (no captions used)
+    n_images: int = 6000        # images build_world renders for pre-training (no captions used)
     n_eval_images: int = 500    # held-out images for the token-prediction metrics
     image_size: int = 224
     patch_size: int = 16
@@ -231,10 +235,14 @@ class ObjectTokenizer:
 def patch_objects(components: np.ndarray, patch_size: int) -> torch.Tensor:
     """Per patch, the object covering the largest share of it if that share is >= PATCH_COVER, else 0.
     int [batch, H, W] -> long [batch, n_patch]"""
-    labels = torch.from_numpy(components).long()
-    share = F.avg_pool2d(F.one_hot(labels, int(labels.max()) + 2).permute(0, 3, 1, 2).float(), patch_size).flatten(2)
-    best_share, best = share[:, 1:].max(dim=1)  # over objects 1.. (one spare column if there are none)
-    return torch.where(best_share >= PATCH_COVER, best + 1, 0)
+    batch, height, width = components.shape
+    rows, cols = height // patch_size, width // patch_size
+    n_labels = int(components.max(initial=0)) + 2  # one spare column, so there is an object column if there are none
+    patch_of_pixel = (np.arange(height)[:, None] // patch_size * cols + np.arange(width)[None, :] // patch_size)
+    cell = (np.arange(batch)[:, None, None] * (rows * cols) + patch_of_pixel) * n_labels + components  # [batch, H, W]
+    pixels = np.bincount(cell.ravel(), minlength=batch * rows * cols * n_labels).reshape(batch, rows * cols, n_labels)
+    best_pixels, best = torch.from_numpy(pixels[:, :, 1:]).max(dim=2)  # over objects 1..
+    return torch.where(best_pixels >= PATCH_COVER * patch_size**2, best + 1, 0)
 
 
 def tokenize(tokenizer: ObjectTokenizer, images: torch.Tensor, chunk: int = 100) -> torch.Tensor:
@@ -305,7 +313,7 @@ def train_image_encoder(
     generator = torch.Generator().manual_seed(seed)
     train = torch.from_numpy(np.ascontiguousarray(train_images))  # uint8 [n, H, W, 3]
     held_out = torch.from_numpy(np.ascontiguousarray(eval_images))
-    tokenizer = ObjectTokenizer.fit(train, cfg, generator)
+    tokenizer = ObjectTokenizer.fit(train[:TOKENIZER_FIT_IMAGES], cfg, generator)
     train_tokens = tokenize(tokenizer, train)  # long [n, n_patch]
     held_out_tokens = tokenize(tokenizer, held_out)
     tokenizer_seconds = time.perf_counter() - started
