@@ -6,6 +6,7 @@ middle / last); a record is one protobuf `Record` (wandb.proto.wandb_internal_pb
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32 * 1024
@@ -25,6 +26,8 @@ def records(path: str | Path) -> list:
             position += left_in_block
             continue
         _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if position + 7 + length > len(data):  # a chunk still being written
+            break
         chunk = data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind == 0 and length == 0:
@@ -37,10 +40,21 @@ def records(path: str | Path) -> list:
     return out
 
 
+def complete_records(path: str | Path, timeout: float = 60.0) -> list:
+    """The run file's records once it holds the final `exit` record: W&B's service process may
+    still be writing the file for a moment after `run.finish()` has returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = records(path)
+        if any(record.WhichOneof("record_type") == "exit" for record in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def run_info(path: str | Path) -> dict:
     """The run's name and group, and every logged history row as {key: value}."""
     info = {"name": None, "group": None, "history": []}
-    for record in records(path):
+    for record in complete_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             info["name"], info["group"] = record.run.display_name, record.run.run_group
