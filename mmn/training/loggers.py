@@ -67,8 +67,8 @@ def log_captions_table(loggers: Sequence, rows: Sequence[dict], step: int) -> No
 
 
 def finish(loggers: Sequence) -> None:
-    """Close W&B runs: their files are complete, and the next job of a multirun (same process)
-    starts a run of its own."""
+    """Close W&B runs, so the next job of a multirun (same process) starts a run of its own. W&B's
+    service process may go on writing the offline run file for a moment after this returns."""
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in loggers:
