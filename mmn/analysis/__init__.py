@@ -1,0 +1,1 @@
+"""The paper's analyses of a trained captioner: so far, ablating MLP units (ablation.py)."""

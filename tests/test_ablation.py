@@ -1,0 +1,80 @@
+"""Ablation hooks: ablated units read zero (or their mean), every other activation of the layer is
+unchanged, and the hooks are gone after the block, on a plain (GPT-J) and a gated (Llama) MLP."""
+
+import mmn  # noqa: F401,I001  (torchvision shim before transformers)
+
+import pytest
+import torch
+from test_lm import build_tiny, build_tokenizer, D_MLP
+
+from mmn.analysis.ablation import ablate
+from mmn.models.lm import LanguageModel
+
+
+@pytest.fixture(params=["gptj", "llama"])
+def lm(request):
+    torch.manual_seed(0)
+    return LanguageModel(build_tiny(request.param).eval(), build_tokenizer())
+
+
+def activations(lm: LanguageModel, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """A (the output projection's input) of every layer, [batch, pos, d_mlp], and the logits."""
+    seen = {}
+    handles = [lm.mlp_out(layer).register_forward_hook(lambda m, i, o, layer=layer: seen.__setitem__(layer, i[0]))
+               for layer in range(lm.n_layers)]
+    try:
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, logits
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_ablated_units_read_their_value_and_the_rest_is_unchanged(lm, mode):
+    ids = torch.randint(2, 20, (2, 7))
+    clean, clean_logits = activations(lm, ids)
+    means = {layer: torch.randn(D_MLP) for layer in range(lm.n_layers)}
+    units = [3, 40, 95]
+    with ablate(lm, {0: units}, mode=mode, means=means):
+        ablated, ablated_logits = activations(lm, ids)
+
+    expected = torch.zeros(2, 7, len(units)) if mode == "zero" else means[0][units].expand(2, 7, -1)
+    assert torch.equal(ablated[0][..., units], expected)
+    others = torch.ones(D_MLP, dtype=torch.bool)
+    others[units] = False
+    assert torch.equal(ablated[0][..., others], clean[0][..., others])  # same input to layer 0's MLP
+    assert not torch.allclose(ablated[1], clean[1])  # the change reaches the next layer
+    assert not torch.allclose(ablated_logits, clean_logits)
+    after, after_logits = activations(lm, ids)  # hooks removed on exit
+    assert torch.equal(after_logits, clean_logits) and torch.equal(after[0], clean[0])
+
+
+def test_ablation_holds_during_cached_generation(lm):
+    ids = torch.randint(2, 20, (1, 5))
+    seen = []
+    hook = lm.mlp_out(1).register_forward_hook(lambda m, i, o: seen.append(i[0][..., :8].clone()))
+    try:
+        with ablate(lm, {1: range(8)}), torch.no_grad():
+            lm.model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=1)
+    finally:
+        hook.remove()
+    assert len(seen) == 3 and [s.shape[1] for s in seen] == [5, 1, 1]  # prompt pass, then one token at a time
+    assert all(torch.equal(s, torch.zeros_like(s)) for s in seen)
+
+
+def test_bad_ablations_are_named_before_any_hook(lm):
+    with pytest.raises(ValueError, match="layer 1 has units 0..95, got \\[96\\]"):
+        with ablate(lm, {1: [5, 96]}):
+            pass
+    with pytest.raises(ValueError, match="needs the mean activations of layer 0"):
+        with ablate(lm, {0: [1]}, mode="mean"):
+            pass
+    with pytest.raises(ValueError, match="unknown mode 'half'"):
+        with ablate(lm, {0: [1]}, mode="half"):
+            pass
+    with pytest.raises(IndexError, match="layer 7 out of range"):
+        with ablate(lm, {7: [1]}):
+            pass
+    assert all(not lm.mlp_out(layer)._forward_pre_hooks for layer in range(lm.n_layers))
