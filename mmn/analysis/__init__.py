@@ -1,1 +1,2 @@
-"""The paper's analyses of a trained captioner: so far, ablating MLP units (ablation.py)."""
+"""The paper's analyses of a trained captioner. So far: gradient attribution to MLP units
+(attribution.py) and ablating units (ablation.py)."""
