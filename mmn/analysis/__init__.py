@@ -1,2 +1,2 @@
 """The paper's analyses of a trained captioner. So far: gradient attribution to MLP units
-(attribution.py) and ablating units (ablation.py)."""
+(attribution.py), decoding units (decoding.py) and ablating them (ablation.py)."""
