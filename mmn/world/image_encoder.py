@@ -269,10 +269,11 @@ class TokenPredictionModel(torch.nn.Module):
             hidden = self.encoder(pixel_values=pixels).last_hidden_state[:, 1:]  # [batch, n_patch, hidden]
         return self.head(hidden.float())
 
-    def loss(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the patch tokens (long [batch, n_patch]), background patches down-weighted."""
+    def loss(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the patch tokens (long [batch, n_patch]) given this model's logits,
+        background patches down-weighted."""
         weight = torch.where(tokens < self.cfg.outline_tokens, 1.0, BACKGROUND_WEIGHT).flatten()
-        per_patch = F.cross_entropy(self(pixels).flatten(0, 1), tokens.flatten(), reduction="none")
+        per_patch = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
         return (per_patch * weight).sum() / weight.sum()
 
 
@@ -283,9 +284,10 @@ def token_metrics(model: TokenPredictionModel, images: torch.Tensor, tokens: tor
     loss, hits, count = 0.0, 0, 0
     for start in range(0, len(images), batch_size):
         pixels, target = to_pixels(images[start : start + batch_size]), tokens[start : start + batch_size]
-        loss += model.loss(pixels, target).item() * len(pixels)
+        logits = model(pixels)  # [batch, n_patch, outline_tokens + 1]
+        loss += model.loss(logits, target).item() * len(pixels)
         on_object = target < model.cfg.outline_tokens
-        hits += (model(pixels).argmax(-1) == target)[on_object].sum().item()
+        hits += (logits.argmax(-1) == target)[on_object].sum().item()
         count += on_object.sum().item()
     return {"token_loss": loss / len(images), "token_accuracy": hits / max(count, 1), "object_patches": count}
 
@@ -332,7 +334,7 @@ def train_image_encoder(
             order, position = torch.randperm(len(train), generator=generator), 0
         batch = order[position : position + cfg.batch_size]
         position += cfg.batch_size
-        loss = model.loss(to_pixels(train[batch]), train_tokens[batch])
+        loss = model.loss(model(to_pixels(train[batch])), train_tokens[batch])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
