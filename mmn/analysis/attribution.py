@@ -1,14 +1,26 @@
-"""Attributing the logit of a caption's target token c to MLP units (paper eq. 2).
+"""Attributing the logit of a caption's target token c to MLP units, per (layer, unit, patch).
 
-    g[l, p, k] = Z[l, p, k] * d y^c / d Z[l, p, k]
+Three methods, one signature (`attribute(lm, method, ...)`), each returning
+[batch, len(layers), n_positions, d_mlp]:
 
-Z is the pre-activation of layer l's MLP (the output of its first projection, before the
-activation), p an image-patch position, k a unit, and y^c the logit of c at the position that
-predicts it. All layers come from one forward and one backward pass: a zero tensor that requires
-grad is added to each hooked Z, so the gradient it receives is dy^c/dZ with every path through the
-layers above intact, and the backward pass stops at the lowest hooked layer (the frozen LM has no
-parameter gradients). Only the logits of the target positions are computed, never the whole
-[batch, pos, vocab] tensor.
+- `grad` (paper eq. 2):  g[l, p, k] = Z[l, p, k] * d y^c / d Z[l, p, k]
+  Z is the pre-activation of layer l's MLP (the output of its first projection, before the
+  activation) and y^c the logit of c at the position that predicts it. All layers come from one
+  forward and one backward pass: a zero tensor that requires grad is added to each hooked Z, so
+  the gradient it receives is dy^c/dZ with every path through the layers above intact, and the
+  backward pass stops at the lowest hooked layer (the frozen LM has no parameter gradients).
+- `ig`, integrated gradients per layer as in Dai et al. ("Knowledge neurons", eq. 3): layer l's
+  pre-activations Z (all positions) are scaled from the baseline 0 to their value,
+      ig[l, p, k] = Z[l, p, k] * sum_s w_s * d y^c / d Z[l, p, k] evaluated at alpha_s * Z_l,
+  with everything below layer l held fixed. The rule (alpha_s, w_s) is captum's; the default
+  `riemann_right` (alpha_s = s/m, w_s = 1/m) is Dai et al.'s sum. The steps are batched, and
+  the layers below l run once per batch of steps: the block input of layer l is repeated for
+  the steps inside the forward pass, so only layers l and above run steps x batch rows.
+- `act`: the unit activation A = act(Z) (what ablation replaces), a baseline with no gradient.
+
+Only the logits of the target positions are computed, never the [rows, pos, vocab] tensor,
+which would be the largest tensor of these passes (20 IG steps x 8 images x 200 positions x a
+50k vocabulary is 6.4 GB of float32).
 """
 
 from __future__ import annotations
@@ -16,9 +28,42 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from captum.attr._utils.approximation_methods import SUPPORTED_METHODS, approximation_parameters
 from torch import Tensor
 
 from mmn.models.lm import LanguageModel
+
+METHODS = ("grad", "ig", "act")
+IG_RULES = tuple(SUPPORTED_METHODS)  # riemann_left/right/middle/trapezoid, gausslegendre
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early (nothing after the final norm is needed)."""
+
+
+def final_hidden(lm: LanguageModel, inputs_embeds: Tensor) -> Tensor:
+    """The residual stream after the LM's final norm: [rows, pos, d_model]. Read from the final
+    norm's output, so hooks may change the number of rows inside the pass (IG steps)."""
+    captured = []
+
+    def capture(module, args, output):
+        captured.append(output)
+        raise _Stop
+
+    handle = lm.final_norm.register_forward_hook(capture)
+    try:
+        lm.model.base_model(inputs_embeds=inputs_embeds, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def logits_at(lm: LanguageModel, hidden: Tensor, positions: Tensor) -> Tensor:
+    """Full-vocabulary logits at one position per row: hidden [rows, pos, d_model] -> [rows, vocab]."""
+    rows = torch.arange(len(hidden), device=hidden.device)
+    return lm.unembed(hidden[rows, positions.to(hidden.device)])
 
 
 def target_logits(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor) -> Tensor:
@@ -26,19 +71,21 @@ def target_logits(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Te
 
     inputs_embeds [batch, pos, d_model]; rows may be right-padded beyond their target position
     (causal attention never lets a position see what follows it)."""
-    hidden = lm.model.base_model(inputs_embeds=inputs_embeds).last_hidden_state  # [batch, pos, d_model], final norm applied
-    rows = torch.arange(len(inputs_embeds), device=hidden.device)
-    logits = lm.unembed(hidden[rows, target_positions])  # [batch, vocab]
-    return logits[rows, target_ids]
+    logits = logits_at(lm, final_hidden(lm, inputs_embeds), target_positions)  # [batch, vocab]
+    return logits[torch.arange(len(logits)), target_ids.to(logits.device)]
+
+
+def _check_layers(lm: LanguageModel, layers: Sequence[int]) -> list[torch.nn.Module]:
+    if not layers:
+        raise ValueError("attribution: no layers given")
+    return [lm.mlp_in(layer) for layer in layers]  # raises on a layer outside the model
 
 
 def grad_attribution(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor,
                      layers: Sequence[int], positions: Tensor | slice) -> Tensor:
     """Z * dy^c/dZ for every unit of `layers` at `positions` (the image patches).
     -> [batch, len(layers), n_positions, d_mlp]"""
-    if not layers:
-        raise ValueError("grad_attribution: no layers given")
-    modules = [lm.mlp_in(layer) for layer in layers]  # raises on a layer outside the model
+    modules = _check_layers(lm, layers)
     pre_activations, probes = {}, {}
 
     def add_probe(module, args, output):
@@ -57,3 +104,104 @@ def grad_attribution(lm: LanguageModel, inputs_embeds: Tensor, target_positions:
     scores = [pre_activations[module][:, positions] * gradient[:, positions]
               for module, gradient in zip(modules, gradients)]
     return torch.stack(scores, dim=1)
+
+
+def _repeat_rows(value, batch: int, times: int):
+    """Repeat every tensor whose first dimension is the batch (hidden states, attention masks),
+    inside tuples too (rotary cos/sin); leave the rest (positions shared by all rows) alone."""
+    if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[0] == batch:
+        return value.repeat(times, *[1] * (value.dim() - 1))
+    if isinstance(value, tuple):
+        return tuple(_repeat_rows(v, batch, times) for v in value)
+    return value
+
+
+def ig_layer(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor,
+             layer: int, positions: Tensor | slice, steps: int = 20, rule: str = "riemann_right",
+             steps_per_pass: int | None = None) -> Tensor:
+    """Integrated gradients of y^c over layer `layer`'s pre-activations (baseline 0).
+    -> [batch, n_positions, d_mlp]
+
+    `steps_per_pass` bounds memory: that many steps run per forward/backward pass (default all)."""
+    if rule not in IG_RULES:
+        raise ValueError(f"ig: unknown rule {rule!r}; use one of {IG_RULES}")
+    if steps < 1 or (rule.startswith("riemann") and steps < 2):
+        raise ValueError(f"ig: steps={steps} must be at least {2 if rule.startswith('riemann') else 1} for {rule}")
+    step_sizes, alphas = approximation_parameters(rule)
+    weights, alphas = torch.tensor(step_sizes(steps)), torch.tensor(alphas(steps))  # [steps] each
+    block, mlp_in = lm.block(layer), lm.mlp_in(layer)
+    blocks_above = [lm.block(above) for above in range(layer % lm.n_layers + 1, lm.n_layers)]
+    batch = len(inputs_embeds)
+    pre_activation = None  # Z of layer `layer`, [batch, pos, d_mlp]
+    total = 0.0  # sum_s w_s dy/dZ(alpha_s Z), [batch, pos, d_mlp]
+    for chunk in torch.split(torch.arange(steps), steps_per_pass or steps):
+        n = len(chunk)
+        scale = alphas[chunk].repeat_interleave(batch).to(inputs_embeds.device, inputs_embeds.dtype)  # [n*batch]
+        scaled = {}
+
+        def repeat_inputs(module, args, kwargs):
+            # the layers below ran once; from here on each row is (step, image), step-major
+            return _repeat_rows(args, batch, n), {k: _repeat_rows(v, batch, n) for k, v in kwargs.items()}
+
+        def scale_pre_activation(module, args, output):
+            nonlocal pre_activation
+            pre_activation = output[:batch].detach()
+            scaled["z"] = (output.detach() * scale[:, None, None]).requires_grad_()  # [n*batch, pos, d_mlp]
+            return scaled["z"]
+
+        handles = [block.register_forward_pre_hook(repeat_inputs, with_kwargs=True),
+                   mlp_in.register_forward_hook(scale_pre_activation)]
+        # blocks above receive the model's batch-sized masks: repeat those too
+        handles += [above.register_forward_pre_hook(repeat_inputs, with_kwargs=True) for above in blocks_above]
+        try:
+            with torch.enable_grad():
+                hidden = final_hidden(lm, inputs_embeds.detach())  # [n*batch, pos, d_model]
+                logits = logits_at(lm, hidden, target_positions.repeat(n))  # [n*batch, vocab]
+                logit = logits[torch.arange(len(logits)), target_ids.to(logits.device).repeat(n)]
+                (gradient,) = torch.autograd.grad(logit.sum(), scaled["z"])
+        finally:
+            for handle in handles:
+                handle.remove()
+        step_weights = weights[chunk].to(gradient.device, gradient.dtype)
+        total = total + torch.einsum("s,sbpk->bpk", step_weights, gradient.unflatten(0, (n, batch)))
+    return (pre_activation * total)[:, positions]
+
+
+def ig_attribution(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor,
+                   layers: Sequence[int], positions: Tensor | slice, steps: int = 20, rule: str = "riemann_right",
+                   steps_per_pass: int | None = None) -> Tensor:
+    """Integrated gradients, one layer at a time.  -> [batch, len(layers), n_positions, d_mlp]"""
+    _check_layers(lm, layers)
+    return torch.stack([ig_layer(lm, inputs_embeds, target_positions, target_ids, layer, positions, steps, rule,
+                                 steps_per_pass) for layer in layers], dim=1)
+
+
+@torch.no_grad()
+def act_attribution(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor,
+                    layers: Sequence[int], positions: Tensor | slice) -> Tensor:
+    """The unit activations A (the input of each MLP's output projection); the target is unused.
+    -> [batch, len(layers), n_positions, d_mlp]"""
+    _check_layers(lm, layers)
+    modules = [lm.mlp_out(layer) for layer in layers]
+    activations = {}
+
+    def capture(module, args):
+        activations[module] = args[0][:, positions]
+
+    handles = [module.register_forward_pre_hook(capture) for module in modules]
+    try:
+        final_hidden(lm, inputs_embeds)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([activations[module] for module in modules], dim=1)
+
+
+def attribute(lm: LanguageModel, method: str, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor,
+              layers: Sequence[int], positions: Tensor | slice, **options) -> Tensor:
+    """Scores per (layer, unit, position) by `method` ("grad", "ig" with steps/rule/steps_per_pass, "act").
+    -> [batch, len(layers), n_positions, d_mlp]"""
+    functions = {"grad": grad_attribution, "ig": ig_attribution, "act": act_attribution}
+    if method not in functions:
+        raise ValueError(f"unknown attribution method {method!r}; use one of {METHODS}")
+    return functions[method](lm, inputs_embeds, target_positions, target_ids, layers, positions, **options)
