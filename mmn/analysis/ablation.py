@@ -21,12 +21,13 @@ pre-activation Z to zero (GELU(0) = 0).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
+from mmn.analysis.attribution import target_probabilities
 from mmn.models.lm import LanguageModel
 
 MODES = ("zero", "mean")
@@ -58,9 +59,11 @@ def ablate(lm: LanguageModel, units: Mapping[int, Sequence[int] | Tensor], mode:
 
 @contextmanager
 def ablate_masks(lm: LanguageModel, masks: Mapping[int, Tensor], mode: str = "zero",
-                 means: Mapping[int, Tensor] | None = None) -> Iterator[None]:
+                 means: Mapping[int, Tensor] | None = None, first_positions: int | None = None) -> Iterator[None]:
     """Ablate by boolean masks: masks[layer] is [d_mlp] (the same units in every row) or
-    [rows, d_mlp] (each row of the batch its own units, so many ablations run in one pass)."""
+    [rows, d_mlp] (each row of the batch its own units, so many ablations run in one pass).
+    `first_positions=n` ablates the first n positions only (the image prompts): in passes that
+    hold them; the single-token passes of cached generation come after them and are left alone."""
     if mode not in MODES:
         raise ValueError(f"ablate: unknown mode {mode!r}: use one of {MODES}")
     plan = {}  # module -> (mask [rows or 1, 1, d_mlp], replacement [d_mlp] or None for zero)
@@ -82,6 +85,10 @@ def ablate_masks(lm: LanguageModel, masks: Mapping[int, Tensor], mode: str = "ze
     def replace(module, args):
         mask, values = plan[module]
         activation = args[0]  # [rows, pos, d_mlp]
+        if first_positions is not None:
+            if activation.shape[1] < first_positions:
+                return None  # a cached generation step, after the ablated positions
+            mask = mask & (torch.arange(activation.shape[1]) < first_positions)[:, None]  # [rows or 1, pos, d_mlp]
         mask = mask.to(activation.device)
         value = torch.zeros((), dtype=activation.dtype, device=activation.device) if values is None \
             else values.to(activation.device, activation.dtype)
@@ -93,3 +100,102 @@ def ablate_masks(lm: LanguageModel, masks: Mapping[int, Tensor], mode: str = "ze
     finally:
         for handle in handles:
             handle.remove()
+
+
+# ----------------------------------------------------------------------------- mean activations
+
+@torch.no_grad()
+def mean_activations(captioner, pixel_batches: Iterable[Tensor]) -> dict[int, Tensor]:
+    """Each unit's mean activation A over every position of the captioning prompt (image prompts
+    and "A picture of") of a reference image set: {layer: [d_mlp]}, for mode="mean"."""
+    lm = captioner.lm
+    sums = {layer: torch.zeros(lm.d_mlp, dtype=torch.float64) for layer in range(lm.n_layers)}
+    count = 0
+
+    def accumulate(module, args, layer):
+        sums[layer] += args[0].double().sum(dim=(0, 1)).cpu()  # args[0]: [batch, pos, d_mlp]
+
+    handles = [lm.mlp_out(layer).register_forward_pre_hook(lambda m, a, layer=layer: accumulate(m, a, layer))
+               for layer in range(lm.n_layers)]
+    try:
+        for pixels in pixel_batches:
+            inputs = captioner.input_embeddings(pixels)  # [batch, n_prompt, d_lm]
+            lm.model.base_model(inputs_embeds=inputs, use_cache=False)
+            count += inputs.shape[0] * inputs.shape[1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    if count == 0:
+        raise ValueError("mean_activations: the reference image set is empty")
+    return {layer: (total / count).float() for layer, total in sums.items()}
+
+
+# ----------------------------------------------------------------------------- the ablation sweep
+
+ARMS = ("top", "top_interpretable", "random")
+
+
+def ablation_settings(ranking: Tensor, interpretable: Tensor, ks: Sequence[int], d_mlp: int,
+                      generator: torch.Generator) -> list[tuple[str, int, Tensor]]:
+    """The (arm, k, units [n, 2] of (layer, unit)) settings of one image (paper section 3.3):
+    top: the k best units of `ranking`; top_interpretable: the k best interpretable ones (fewer if
+    there are not k); random: as many units as `top` takes from each layer, drawn uniformly from
+    that layer. k = 0 ablates nothing in every arm."""
+    settings = []
+    for k in ks:
+        top = ranking[:k]
+        random = [torch.stack([torch.full((n,), layer), torch.randperm(d_mlp, generator=generator)[:n]], dim=1)
+                  for layer, n in zip(*[t.tolist() for t in top[:, 0].unique(return_counts=True)])]
+        random = torch.cat(random) if random else top
+        settings += [("top", k, top), ("top_interpretable", k, interpretable[:k]), ("random", k, random)]
+    return settings
+
+
+def setting_masks(settings_units: Sequence[Tensor], layers: Iterable[int], d_mlp: int) -> dict[int, Tensor]:
+    """One row of masks per setting: {layer: [n_settings, d_mlp] bool}."""
+    masks = {layer: torch.zeros(len(settings_units), d_mlp, dtype=torch.bool) for layer in layers}
+    for row, units in enumerate(settings_units):
+        for layer, unit in units.tolist():
+            masks[layer][row, unit] = True
+    return masks
+
+
+@torch.no_grad()
+def ablation_sweep(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor,
+                   settings: Sequence[Sequence[tuple[str, int, Tensor]]], layers: Iterable[int], mode: str = "zero",
+                   means: Mapping[int, Tensor] | None = None, n_prompt: int | None = None,
+                   max_new_tokens: int = 20, rows_per_pass: int = 64, first_positions: int | None = None
+                   ) -> list[list[dict]]:
+    """p(c) and, when `n_prompt` is given, the re-generated greedy caption under each setting of
+    each image: settings[i] are image i's (arm, k, units) (ablation_settings).
+    inputs_embeds [images, pos, d_lm] (prompt + caption up to c), target_positions/ids [images].
+
+    Settings of an image that ablate the same units run once; each pass runs up to `rows_per_pass`
+    (image, setting) rows as one batch with per-row masks, with logits at the target position only."""
+    layers = list(layers)
+    rows: list[tuple[int, Tensor]] = []  # (image, units) of each distinct setting
+    setting_rows = []  # per image, the row of each of its settings
+    for image, image_settings in enumerate(settings):
+        unique: dict[bytes, int] = {}  # the units of a setting, as sorted flat indices -> its row
+        setting_rows.append([])
+        for arm, k, units in image_settings:
+            key = (units[:, 0] * lm.d_mlp + units[:, 1]).sort().values.numpy().tobytes()
+            if key not in unique:
+                unique[key] = len(rows)
+                rows.append((image, units))
+            setting_rows[-1].append(unique[key])
+
+    p_target, captions = [], []
+    for start in range(0, len(rows), rows_per_pass):
+        chunk = rows[start : start + rows_per_pass]
+        images = torch.tensor([image for image, _ in chunk])
+        masks = setting_masks([units for _, units in chunk], layers, lm.d_mlp)
+        batch = inputs_embeds[images]  # [rows, pos, d_lm]
+        with ablate_masks(lm, masks, mode, means, first_positions):
+            p_target += target_probabilities(lm, batch, target_positions[images], target_ids[images]).tolist()
+            if n_prompt is not None:
+                captions += lm.greedy(batch[:, :n_prompt], max_new_tokens)
+    return [[{"arm": arm, "k": k, "n_ablated": len(units), "p_target": p_target[row],
+              "caption_ids": captions[row] if captions else None}
+             for (arm, k, units), row in zip(image_settings, image_rows)]
+            for image_settings, image_rows in zip(settings, setting_rows)]

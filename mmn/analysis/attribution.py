@@ -75,6 +75,15 @@ def target_logits(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Te
     return logits[torch.arange(len(logits)), target_ids.to(logits.device)]
 
 
+@torch.no_grad()
+def target_probabilities(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor,
+                         target_ids: Tensor) -> Tensor:
+    """p(c): the softmax over the tokenizer's real vocabulary at each row's target position.  -> [rows]"""
+    logits = logits_at(lm, final_hidden(lm, inputs_embeds), target_positions)[:, : lm.vocab_size]  # [rows, vocab]
+    probabilities = logits.float().softmax(dim=-1)
+    return probabilities[torch.arange(len(probabilities)), target_ids.to(probabilities.device)]
+
+
 def _check_layers(lm: LanguageModel, layers: Sequence[int]) -> list[torch.nn.Module]:
     if not layers:
         raise ValueError("attribution: no layers given")

@@ -89,30 +89,7 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor, max_new_tokens: int = 20) -> list[list[int]]:
         """Greedy decoding; each caption's token ids, without the end-of-text token."""
-        return self.generate_from_embeddings(self.input_embeddings(pixels), max_new_tokens)
-
-    @torch.no_grad()
-    def generate_from_embeddings(self, inputs_embeds: torch.Tensor, max_new_tokens: int = 20) -> list[list[int]]:
-        """Greedy decoding after a prompt already embedded ([rows, pos, d_lm], e.g. the image
-        prompts and "A picture of" of `input_embeddings`, repeated under per-row ablations)."""
-        eos = self.tokenizer.eos_token_id
-        vocab = self.lm.vocab_size  # LiMBeR's GPT-J has unembedding rows beyond the real vocabulary
-        output = self.language_model(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
-        tokens = []  # each [rows]
-        finished = torch.zeros(len(inputs_embeds), dtype=torch.bool, device=inputs_embeds.device)
-        for step in range(max_new_tokens):
-            next_ids = output.logits[:, -1, :vocab].argmax(dim=-1)  # [rows]
-            tokens.append(next_ids)
-            finished |= next_ids == eos
-            if finished.all() or step == max_new_tokens - 1:
-                break
-            output = self.language_model(
-                input_ids=next_ids[:, None], past_key_values=output.past_key_values, use_cache=True
-            )
-        captions = []
-        for row in torch.stack(tokens, dim=1).tolist():  # [rows, steps]
-            captions.append(row[: row.index(eos)] if eos in row else row)
-        return captions
+        return self.lm.greedy(self.input_embeddings(pixels), max_new_tokens)
 
     @torch.no_grad()
     def caption(self, images: Sequence[Image.Image], max_new_tokens: int = 20, batch_size: int = 16) -> list[str]:

@@ -264,6 +264,27 @@ class LanguageModel:
         """[batch, pos] token ids -> [batch, pos, d_model] input embeddings."""
         return self.embedding(ids.to(self.device))
 
+    @torch.no_grad()
+    def greedy(self, inputs_embeds: Tensor, max_new_tokens: int = 20) -> list[list[int]]:
+        """Greedy decoding after an embedded prompt ([rows, pos, d_model], e.g. a captioner's image
+        prompts + "A picture of"); each row's new token ids, without the end-of-text token."""
+        eos = self.tokenizer.eos_token_id
+        output = self.model(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
+        tokens = []  # each [rows]
+        finished = torch.zeros(len(inputs_embeds), dtype=torch.bool, device=inputs_embeds.device)
+        for step in range(max_new_tokens):
+            # only real tokens: LiMBeR's GPT-J has unembedding rows beyond the tokenizer's vocabulary
+            next_ids = output.logits[:, -1, : self.vocab_size].argmax(dim=-1)  # [rows]
+            tokens.append(next_ids)
+            finished |= next_ids == eos
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            output = self.model(input_ids=next_ids[:, None], past_key_values=output.past_key_values, use_cache=True)
+        captions = []
+        for row in torch.stack(tokens, dim=1).tolist():  # [rows, steps]
+            captions.append(row[: row.index(eos)] if eos in row else row)
+        return captions
+
     # ----- loading ----------------------------------------------------------------------
 
     @classmethod

@@ -1,0 +1,60 @@
+"""The analysis figures (PNG): ablation curves (paper Figure 6) and the layer distribution of top
+units (supplement S.6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+ARM_STYLE = {"top": ("multimodal neurons (top units)", "tab:red"),
+             "top_interpretable": ("interpretable top units", "tab:orange"),
+             "random": ("random units, same layers", "tab:gray")}
+
+
+def ablation_curves(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """curves: one row per (arm, k) with mean and standard error of delta_p and bertscore."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm, rows in curves.groupby("arm", sort=False):
+        label, color = ARM_STYLE.get(arm, (arm, None))
+        rows = rows.sort_values("k")
+        for axis, column, scale in ((left, "delta_p", 100.0), (right, "bertscore", 1.0)):
+            mean, error = rows[f"{column}_mean"] * scale, rows[f"{column}_sem"].fillna(0) * scale
+            axis.plot(rows["k"], mean, marker="o", label=label, color=color)
+            axis.fill_between(rows["k"], mean - error, mean + error, alpha=0.2, color=color)
+    for axis in (left, right):
+        axis.set_xscale("symlog", linthresh=50)
+        axis.set_xlabel("units ablated (k)")
+        axis.grid(alpha=0.3)
+    left.set_ylabel("change in p(c), % (mean ± s.e.)")
+    right.set_ylabel("BERTScore F1, ablated vs original caption")
+    left.axhline(0, color="black", linewidth=0.8)
+    left.legend(fontsize=8)
+    figure.suptitle(title or "Ablating units ordered by attribution score")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def layer_distribution(neurons: pd.DataFrame, n_layers: int, path: Path, title: str = "") -> Path:
+    """Unique (layer, unit) pairs among every image's top triples, counted per layer."""
+    unique = neurons.drop_duplicates(["layer", "unit"])
+    counts = unique.groupby("layer").size().reindex(range(n_layers), fill_value=0)
+    interpretable = unique[unique["interpretable"]].groupby("layer").size().reindex(range(n_layers), fill_value=0)
+    figure, axis = plt.subplots(figsize=(max(4, 0.35 * n_layers + 2), 3.5))
+    axis.bar(counts.index, counts.values, color="tab:blue", label="top units")
+    axis.bar(interpretable.index, interpretable.values, color="tab:orange", label="interpretable")
+    axis.set_xlabel("layer")
+    axis.set_ylabel("unique units among top triples")
+    axis.set_xticks(range(n_layers))
+    axis.legend(fontsize=8)
+    axis.set_title(title or "Layer distribution of top units (S.6)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

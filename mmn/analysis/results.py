@@ -1,0 +1,81 @@
+"""Result tables on disk, written so that a killed run loses nothing and resumes where it stopped.
+
+    run_dir/
+      analysis.json          what the results depend on (models, images, method, layers, filter,
+                             ablation); a re-run into this folder must match it
+      parts/<table>/<chunk>.parquet
+                             one part per table per finished batch of images; `captions` is written
+                             last, so its presence marks the batch done
+      <table>.parquet        the merged tables, rewritten at the end of every run
+
+Every file is written to a temporary name in the same folder and renamed into place (atomic on
+POSIX), so a table is either absent or complete, never half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+TABLES = ("neurons", "ablation", "captions")  # the order a batch's parts are written in: captions last
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(temporary_path), then rename the temporary file to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda temporary: frame.to_parquet(temporary, index=False))
+
+
+def write_json(value, path: Path) -> None:
+    atomic_write(path, lambda temporary: temporary.write_text(json.dumps(value, indent=2, default=str)))
+
+
+class ResultStore:
+    def __init__(self, run_dir: str | Path, depends_on: dict):
+        self.dir = Path(run_dir)
+        self.parts = self.dir / "parts"
+        record = self.dir / "analysis.json"
+        if record.is_file():
+            before = json.loads(record.read_text())
+            changed = sorted(key for key in before.keys() | depends_on.keys() if before.get(key) != depends_on.get(key))
+            if changed:
+                raise ValueError(f"{self.dir} holds results of a different analysis (changed: {', '.join(changed)}); "
+                                 f"resume with the same settings, or write to a new folder (hydra.run.dir=...)")
+        else:
+            write_json(depends_on, record)
+        for leftover in self.parts.glob("*/.*.tmp"):  # from a run killed while writing
+            leftover.unlink()
+
+    def done(self) -> set[int]:
+        """Batches whose parts are all written."""
+        return {int(path.stem) for path in (self.parts / "captions").glob("*.parquet")}
+
+    def write_batch(self, batch: int, tables: dict[str, pd.DataFrame]) -> None:
+        for name in TABLES:
+            write_parquet(tables[name], self.parts / name / f"{batch:06d}.parquet")
+
+    def table(self, name: str) -> pd.DataFrame:
+        """All parts of a table, in batch order (an empty frame when there are none)."""
+        paths = sorted((self.parts / name).glob("*.parquet"))
+        frames = [pd.read_parquet(path) for path in paths]
+        frames = [frame for frame in frames if len(frame)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def merge(self) -> dict[str, pd.DataFrame]:
+        """Write each table's parts as one <table>.parquet; returns the tables."""
+        tables = {name: self.table(name) for name in TABLES}
+        for name, frame in tables.items():
+            write_parquet(frame, self.dir / f"{name}.parquet")
+        return tables

@@ -1,0 +1,314 @@
+"""`python analyze.py`: the paper's core procedure (sections 2 and 3.3) on a trained captioner.
+
+    analyze(cfg)
+      0. check the settings (method, layers, filter, ablation, images) before anything loads
+      1. the Shapes world when the config points into it; the captioner with its trained projection
+      2. per batch of images, skipping batches already on disk:
+           caption greedily, find c and p(c)                             captions.py
+           attribute y^c to every (layer, unit, patch)                    attribution.py
+           the top N triples per image, decoded, interpretable or not     neurons.py
+           ablate top / top interpretable / random units for each k:
+             delta p(c), the re-generated caption and its BERTScore      ablation.py, bertscore.py
+           write the batch's parts                                        results.py
+      3. merge the tables, summarise, draw the figures, log all of it to W&B
+
+Run directory: captions.parquet, neurons.parquet, ablation.parquet, summary.parquet (+ .json),
+figures/*.png, analysis.json (what the results depend on), parts/ (per batch), wandb/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from tqdm.auto import tqdm
+
+from mmn.analysis.ablation import ARMS, MODES, ablation_settings, ablation_sweep, mean_activations
+from mmn.analysis.attribution import IG_RULES, METHODS, attribute
+from mmn.analysis.captions import caption_targets
+from mmn.analysis.figures import ablation_curves, layer_distribution
+from mmn.analysis.filter import InterpretableFilter, check_filter
+from mmn.analysis.neurons import UnitDecoder, neuron_name, top_triples, unit_ranking
+from mmn.analysis.results import ResultStore, atomic_write, write_json, write_parquet
+from mmn.config import digest, files_fingerprint, offline_run_environment
+from mmn.data.coco import CocoImages
+from mmn.models.captioner import Captioner
+from mmn.models.targets import get_finder
+from mmn.training.loggers import finish, make_loggers
+from mmn.training.run import ensure_world, uses_world
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- settings
+
+def check_settings(cfg: DictConfig) -> None:
+    """Everything that can be checked before a model loads; each error names its key."""
+    method = cfg.attribution.method
+    if method not in METHODS:
+        raise ValueError(f"attribution.method={method!r} is unknown; use one of {METHODS} "
+                         f"(attribution=grad|ig|act)")
+    if method == "ig":
+        if cfg.attribution.rule not in IG_RULES:
+            raise ValueError(f"attribution.rule={cfg.attribution.rule!r} is unknown; use one of {IG_RULES}")
+        if cfg.attribution.steps < 2:
+            raise ValueError(f"attribution.steps={cfg.attribution.steps} must be at least 2")
+    check_filter(cfg.filter.top_k, cfg.filter.min_words, cfg.filter.min_letters)
+    if cfg.ablation.mode not in MODES:
+        raise ValueError(f"ablation.mode={cfg.ablation.mode!r} is unknown; use one of {MODES}")
+    if cfg.ablation.positions not in ("all", "image"):
+        raise ValueError(f"ablation.positions={cfg.ablation.positions!r} is unknown; use all or image")
+    if any(k < 0 for k in cfg.ablation.ks):
+        raise ValueError(f"ablation.ks={list(cfg.ablation.ks)} must not hold negative values")
+    if cfg.images.n is not None and cfg.images.n < 1:
+        raise ValueError(f"images.n={cfg.images.n}: the image set is empty; use a positive count or null for all")
+    if cfg.top_n < 1:
+        raise ValueError(f"top_n={cfg.top_n} must be at least 1")
+
+
+def resolve_layers(layers: DictConfig, n_layers: int) -> list[int]:
+    """layers.start .. layers.stop (exclusive; null = the last layer, negatives count from the end)."""
+    start = layers.start + n_layers if layers.start < 0 else layers.start
+    stop = n_layers if layers.stop is None else (layers.stop + n_layers if layers.stop < 0 else layers.stop)
+    if not 0 <= start < stop <= n_layers:
+        raise ValueError(f"layers.start={layers.start}, layers.stop={layers.stop}: not a layer range of this "
+                         f"model, which has {n_layers} layers (0..{n_layers - 1}; stop is exclusive)")
+    return list(range(start, stop))
+
+
+def capped_ks(ks, n_units: int) -> list[int]:
+    """The ablation sizes, each capped at the number of units in the analysed layers."""
+    return sorted({min(int(k), n_units) for k in ks})
+
+
+def latest_projection(cfg: DictConfig) -> Path:
+    """The newest projection train.py wrote (under outputs/ or multirun/) for this encoder and LM."""
+    root = Path(cfg.paths.root_dir)
+    wanted = (str(cfg.encoder.name_or_path), str(cfg.lm.name_or_path))
+    found = []
+    for folder in ("outputs", "multirun"):
+        for path in (root / folder).glob("**/projection/projection.json"):
+            trained = json.loads(path.read_text()).get("trained", {})
+            if (str(trained.get("encoder", {}).get("name_or_path")), str(trained.get("lm", {}).get("name_or_path"))) == wanted:
+                found.append(path)
+    if not found:
+        raise FileNotFoundError(f"projection.checkpoint=latest: no projection trained for encoder={wanted[0]} and "
+                                f"lm={wanted[1]} under {root}/outputs or {root}/multirun; run `python train.py` "
+                                f"first, or pass projection.checkpoint=<folder or proj.ckpt>")
+    return max(found, key=lambda path: path.stat().st_mtime).parent
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+# ----------------------------------------------------------------------------- one batch of images
+
+def analyze_batch(captioner: Captioner, images: list[dict], cfg: DictConfig, layers: list[int], ks: list[int],
+                  decoder: UnitDecoder, scorer, means, finder, batch_index: int) -> dict[str, pd.DataFrame]:
+    lm = captioner.lm
+    pixels = captioner.preprocess([item["image"] for item in images])
+    targets = caption_targets(captioner, pixels, finder, cfg.max_new_tokens)
+    for row, item in zip(targets.rows, images):
+        row.update(image_id=item["image_id"], file_name=item["file_name"])
+
+    neurons, ablation = [], []
+    if targets.kept:
+        options = {"steps": cfg.attribution.steps, "rule": cfg.attribution.rule,
+                   "steps_per_pass": cfg.attribution.steps_per_pass} if cfg.attribution.method == "ig" else {}
+        n_image = captioner.n_image_tokens
+        scores = attribute(lm, cfg.attribution.method, targets.inputs_embeds, targets.target_positions,
+                           targets.target_ids, layers, slice(0, n_image), **options)  # [kept, L, n_image, d_mlp]
+        analysed, settings = [], []  # rows into the targets' tensors, and each one's ablation settings
+        for i, b in enumerate(targets.kept):
+            row = targets.rows[b]
+            image_scores = scores[i].float()
+            if not torch.isfinite(image_scores).all():
+                row.update(skipped=True, skip_reason="non-finite attribution scores")
+                continue
+            triples = top_triples(image_scores, layers, cfg.top_n)
+            decoder.decode([(t["layer"], t["unit"]) for t in triples])
+            for t in triples:
+                tokens, interpretable = decoder.known[(t["layer"], t["unit"])]
+                neurons.append({"image_id": row["image_id"], **t, "neuron": neuron_name(t["layer"], t["unit"]),
+                                "tokens": tokens, "interpretable": interpretable, "noun": row["noun"]})
+            ranking = unit_ranking(image_scores, layers)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(row["image_id"]))
+            settings.append(ablation_settings(ranking, decoder.interpretable_units(ranking, max(ks)), ks, lm.d_mlp,
+                                              generator))
+            analysed.append(i)
+        if analysed:
+            index = torch.tensor(analysed)
+            results = ablation_sweep(lm, targets.inputs_embeds[index], targets.target_positions[index],
+                                     targets.target_ids[index], settings, layers, cfg.ablation.mode, means,
+                                     n_prompt=targets.n_prompt, max_new_tokens=cfg.max_new_tokens,
+                                     rows_per_pass=cfg.ablation.rows_per_pass,
+                                     first_positions=n_image if cfg.ablation.positions == "image" else None)
+            for i, image_results in zip(analysed, results):
+                row = targets.rows[targets.kept[i]]
+                for result in image_results:
+                    caption = captioner.tokenizer.decode(result.pop("caption_ids"), skip_special_tokens=True).strip()
+                    ablation.append({"image_id": row["image_id"], **result, "p_original": row["p_target"],
+                                     "delta_p": result["p_target"] / row["p_target"] - 1.0,
+                                     "caption": caption, "original_caption": row["caption"]})
+    if ablation:
+        f1 = scorer([r["caption"] for r in ablation], [r["original_caption"] for r in ablation])
+        for r, score in zip(ablation, f1):
+            r["bertscore"] = score
+    captions = pd.DataFrame([{k: v for k, v in row.items() if k != "caption_ids"} | {"batch": batch_index}
+                             for row in targets.rows])
+    return {"captions": captions, "neurons": pd.DataFrame(neurons), "ablation": pd.DataFrame(ablation)}
+
+
+# ----------------------------------------------------------------------------- summary
+
+def ablation_curve_table(ablation: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard error of delta p(c) and BERTScore per (arm, k), over images."""
+    grouped = ablation.groupby(["arm", "k"], sort=False)
+    curves = grouped.agg(delta_p_mean=("delta_p", "mean"), delta_p_sem=("delta_p", "sem"),
+                         bertscore_mean=("bertscore", "mean"), bertscore_sem=("bertscore", "sem"),
+                         n_ablated_mean=("n_ablated", "mean"), images=("image_id", "nunique")).reset_index()
+    return curves.sort_values(["arm", "k"], key=lambda c: c.map(ARMS.index) if c.name == "arm" else c)
+
+
+def summarize(tables: dict[str, pd.DataFrame], curves: pd.DataFrame, seconds: float) -> dict:
+    captions, neurons = tables["captions"], tables["neurons"]
+    analysed = captions[~captions["skipped"]] if len(captions) else captions
+    summary = {"images": len(captions), "images_analysed": len(analysed),
+               "images_skipped": int(captions["skipped"].sum()) if len(captions) else 0,
+               "skip_reasons": captions["skip_reason"].dropna().value_counts().to_dict() if len(captions) else {},
+               "p_target_mean": float(analysed["p_target"].mean()) if len(analysed) else math.nan,
+               "top_neurons_interpretable": float(neurons["interpretable"].mean()) if len(neurons) else math.nan,
+               "unique_top_units": int(len(neurons.drop_duplicates(["layer", "unit"]))) if len(neurons) else 0,
+               "seconds": round(seconds, 1)}
+    for row in curves.itertuples():
+        summary[f"ablation/{row.arm}/k={row.k}/delta_p"] = row.delta_p_mean
+        summary[f"ablation/{row.arm}/k={row.k}/bertscore"] = row.bertscore_mean
+    return summary
+
+
+def log_to_trackers(loggers, summary: dict, tables: dict[str, pd.DataFrame], curves: pd.DataFrame,
+                    figures: list[Path]) -> None:
+    """Scalars to every logger; tables and figures to W&B."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for logger in loggers:
+        logger.log_metrics(scalars)
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            run = logger.experiment
+            neurons = tables["neurons"].assign(tokens=lambda f: f["tokens"].map(" | ".join)) \
+                if len(tables["neurons"]) else tables["neurons"]
+            run.log({"captions": wandb.Table(dataframe=tables["captions"]),
+                     "neurons": wandb.Table(dataframe=neurons),
+                     "ablation_curves": wandb.Table(dataframe=curves),
+                     **{f"figures/{path.stem}": wandb.Image(str(path)) for path in figures}})
+            run.summary.update(scalars)
+
+
+# ----------------------------------------------------------------------------- analyze
+
+def analyze(cfg: DictConfig) -> dict:
+    """Run the analysis `cfg` describes; returns (and writes) its summary."""
+    if cfg.paths.output_dir is None:
+        raise ValueError("paths.output_dir is not set: run through analyze.py (Hydra sets it) or pass it")
+    check_settings(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    offline_run_environment(run_dir)
+    if cfg.logger.kind == "wandb":
+        os.environ["WANDB_MODE"] = cfg.logger.mode
+    started = time.perf_counter()
+    if uses_world(cfg):
+        ensure_world(cfg)
+    if cfg.projection.checkpoint == "latest":
+        with open_dict(cfg):
+            cfg.projection.checkpoint = str(latest_projection(cfg))
+    images = CocoImages(cfg.data.eval.root, cfg.data.eval.split, image_size=None)
+    n_images = len(images) if cfg.images.n is None else min(cfg.images.n, len(images))
+    if n_images == 0:
+        raise ValueError(f"data.eval.root={cfg.data.eval.root} split {cfg.data.eval.split} holds no images")
+    interpretable = InterpretableFilter(cfg.filter.top_k, cfg.filter.min_words, cfg.filter.min_letters,
+                                        cfg.filter.dictionary)
+    from mmn.analysis.bertscore import BertScorer
+
+    scorer = BertScorer(cfg.bertscore.model, cfg.bertscore.num_layers)
+
+    captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
+    layers = resolve_layers(cfg.layers, captioner.lm.n_layers)
+    ks = capped_ks(cfg.ablation.ks, len(layers) * captioner.lm.d_mlp)
+    depends_on = {key: OmegaConf.to_container(cfg[key], resolve=True)
+                  for key in ("encoder", "lm", "projection", "data", "images", "attribution", "layers", "filter",
+                              "ablation", "bertscore")}
+    depends_on |= {"top_n": cfg.top_n, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+                   "first_noun": cfg.first_noun, "projection_files": files_fingerprint(cfg.projection.checkpoint)}
+    store = ResultStore(run_dir, json.loads(json.dumps(depends_on, default=str)))
+    means = load_means(cfg, captioner, images) if cfg.ablation.mode == "mean" else None
+    decoder = UnitDecoder(captioner.lm, interpretable, cfg.filter.final_norm)
+    finder = get_finder(cfg.first_noun)
+
+    batches = [list(range(start, min(start + cfg.images.batch_size, n_images)))
+               for start in range(0, n_images, cfg.images.batch_size)]
+    done = store.done()
+    if done:
+        log.info("resuming: %d of %d batches already in %s", len(done & set(range(len(batches)))), len(batches), run_dir)
+    for index, batch in enumerate(tqdm(batches, desc=f"analyse ({cfg.attribution.method})", unit="batch")):
+        if index in done:
+            continue
+        tables = analyze_batch(captioner, [images[i] for i in batch], cfg, layers, ks, decoder, scorer, means,
+                               finder, index)
+        store.write_batch(index, tables)
+
+    tables = store.merge()
+    curves = ablation_curve_table(tables["ablation"]) if len(tables["ablation"]) else pd.DataFrame()
+    summary = summarize(tables, curves, time.perf_counter() - started)
+    summary |= {"method": cfg.attribution.method, "layers": f"{layers[0]}..{layers[-1]}", "ablation_mode": cfg.ablation.mode,
+                "projection": cfg.projection.checkpoint}
+    figures_dir = run_dir / "figures"
+    figures_dir.mkdir(exist_ok=True)
+    figures = []
+    title = f"{cfg.attribution.method}, layers {layers[0]}-{layers[-1]}, {cfg.ablation.mode} ablation, " \
+            f"{summary['images_analysed']} images"
+    if len(curves):
+        write_parquet(curves, run_dir / "ablation_curves.parquet")
+        figures.append(ablation_curves(curves, figures_dir / "ablation_curves.png", title))
+    if len(tables["neurons"]):
+        figures.append(layer_distribution(tables["neurons"], captioner.lm.n_layers,
+                                          figures_dir / "layer_distribution.png"))
+    write_parquet(pd.DataFrame([{"metric": k, "value": str(v)} for k, v in summary.items()]), run_dir / "summary.parquet")
+    write_json(summary, run_dir / "summary.json")
+    loggers = make_loggers(cfg, run_dir)
+    log_to_trackers(loggers, summary, tables, curves, figures)
+    finish(loggers)
+    log.info("analysed %d of %d images in %.0f s -> %s", summary["images_analysed"], summary["images"],
+             summary["seconds"], run_dir)
+    return summary
+
+
+def load_means(cfg: DictConfig, captioner: Captioner, images: CocoImages) -> dict[int, torch.Tensor]:
+    """Mean unit activations over the reference images, computed once per captioner and image set
+    and cached under paths.cache_dir/means/."""
+    from safetensors.torch import load_file, save_file
+
+    n = min(cfg.ablation.reference_images, len(images))
+    key = digest(cfg.encoder, cfg.lm, cfg.data.eval, n, files_fingerprint(cfg.projection.checkpoint),
+                 files_fingerprint(cfg.lm.name_or_path))
+    path = Path(cfg.paths.cache_dir) / "means" / f"{key}.safetensors"
+    if path.is_file():
+        return {int(layer): tensor for layer, tensor in load_file(str(path)).items()}
+    batch_size = cfg.images.batch_size
+    batches = (captioner.preprocess([images[i]["image"] for i in range(start, min(start + batch_size, n))])
+               for start in range(0, n, batch_size))
+    means = mean_activations(captioner, tqdm(batches, total=math.ceil(n / batch_size), desc="mean activations"))
+    atomic_write(path, lambda temporary: save_file({str(layer): t.contiguous() for layer, t in means.items()},
+                                                   str(temporary)))
+    return means

@@ -1,0 +1,143 @@
+"""`python analyze.py` end to end on the tiny Shapes world: tables, figures, resuming, refusing to
+mix settings, bad input, skipped images, and a sweep of two methods as one W&B group."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from mmn.analysis import run as analysis_run
+from mmn.analysis.run import analyze
+from mmn.config import CONFIG_DIR, compose
+from mmn.models.projection import Projection
+from wandb_offline import run_info
+
+REPO = CONFIG_DIR.parent
+KS = [0, 2, 8]
+
+
+@pytest.fixture(scope="module")
+def overrides(tiny_world, tmp_path_factory):
+    """The tiny world, a fresh projection, 4 images in batches of 2, small ablation sizes."""
+    folder = tmp_path_factory.mktemp("projection")
+    torch.manual_seed(0)
+    Projection(d_enc=32, d_lm=64).save(folder)  # the tiny world's encoder and LM widths
+    world = [o for o in tiny_world if not o.startswith("training=")]  # analyze.py has no training group
+    return [*world, f"projection.checkpoint={folder}", "images.n=4", "images.batch_size=2",
+            f"ablation.ks=[{','.join(map(str, KS))}]", "top_n=5", "max_new_tokens=6", "device=cpu"]
+
+
+def run_analysis(overrides, run_dir, *extra):
+    return analyze(compose([*overrides, f"paths.output_dir={run_dir}", "logger=none", *extra], config_name="analyze"))
+
+
+@pytest.fixture(scope="module")
+def finished(overrides, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("analysis")
+    return run_dir, run_analysis(overrides, run_dir)
+
+
+def test_tables_hold_every_image_neuron_and_ablation_setting(finished):
+    run_dir, summary = finished
+    captions = pd.read_parquet(run_dir / "captions.parquet")
+    neurons = pd.read_parquet(run_dir / "neurons.parquet")
+    ablation = pd.read_parquet(run_dir / "ablation.parquet")
+    analysed = captions[~captions["skipped"]]
+    assert len(captions) == summary["images"] == 4 and len(analysed) == summary["images_analysed"] >= 1
+    assert captions.loc[captions["skipped"], "skip_reason"].notna().all()
+    assert (analysed["p_target"].between(0, 1)).all() and (analysed["target_id"] >= 0).all()
+    # top 5 (layer, unit, patch) triples per analysed image, best first, decoded to 10 tokens
+    assert len(neurons) == 5 * len(analysed)
+    for _, image in neurons.groupby("image_id"):
+        assert list(image["rank"]) == list(range(5)) and image["score"].is_monotonic_decreasing
+    assert neurons["tokens"].map(len).eq(10).all() and neurons["interpretable"].dtype == bool
+    assert set(neurons["layer"]) <= {0, 1} and neurons["patch"].between(0, 15).all()  # 64 px / 16 px = 4 x 4 patches
+    # 3 arms x 3 sizes per analysed image; nothing ablated changes nothing
+    assert len(ablation) == 3 * len(KS) * len(analysed)
+    unablated = ablation[ablation["k"] == 0]
+    assert unablated["delta_p"].abs().max() < 1e-5
+    assert (unablated["caption"] == unablated["original_caption"]).all()
+    assert unablated["bertscore"].min() > 0.99
+    assert (ablation.loc[ablation["arm"] == "top", "n_ablated"].values == [0, 2, 8] * len(analysed)).all()
+    assert sorted(p.name for p in (run_dir / "figures").iterdir()) == ["ablation_curves.png", "layer_distribution.png"]
+    assert json.loads((run_dir / "summary.json").read_text())["images"] == 4
+
+
+def test_a_rerun_skips_finished_batches_and_recovers_a_lost_one(overrides, finished, tmp_path):
+    run_dir, _ = finished
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for path in run_dir.glob("parts/*/*.parquet"):  # as if killed after batch 0 was written
+        if path.stem == "000000":
+            target = resumed / path.relative_to(run_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    (resumed / "analysis.json").write_bytes((run_dir / "analysis.json").read_bytes())
+    (resumed / "parts" / "ablation" / ".000001.parquet.123.tmp").write_bytes(b"half a file")
+    first_part = resumed / "parts" / "captions" / "000000.parquet"
+    stamp = first_part.stat().st_mtime_ns
+
+    run_analysis(overrides, resumed)
+    assert first_part.stat().st_mtime_ns == stamp  # batch 0 was not recomputed
+    assert not list(resumed.glob("parts/*/.*.tmp"))
+    for table in ("captions", "neurons", "ablation"):
+        pd.testing.assert_frame_equal(pd.read_parquet(resumed / f"{table}.parquet"),
+                                      pd.read_parquet(run_dir / f"{table}.parquet"))
+
+
+def test_a_different_analysis_never_writes_into_finished_results(overrides, finished):
+    run_dir, _ = finished
+    before = (run_dir / "neurons.parquet").read_bytes()
+    with pytest.raises(ValueError, match="changed: attribution"):
+        run_analysis(overrides, run_dir, "attribution=act")
+    assert (run_dir / "neurons.parquet").read_bytes() == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("attribution.method=saliency", "attribution.method='saliency' is unknown"),
+    ("layers.stop=9", "not a layer range of this model, which has 2 layers"),
+    ("filter.min_words=11", "filter.min_words=11 must be in 0..filter.top_k=10"),
+    ("images.n=0", "images.n=0: the image set is empty"),
+    ("ablation.mode=shuffle", "ablation.mode='shuffle' is unknown"),
+])
+def test_bad_settings_fail_with_their_key_before_writing_results(overrides, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        run_analysis(overrides, tmp_path, override)
+    assert not (tmp_path / "parts").exists()
+
+
+def test_an_image_with_non_finite_scores_is_skipped_and_recorded(overrides, tmp_path, monkeypatch):
+    real_attribute = analysis_run.attribute
+
+    def first_image_nan(*args, **kwargs):
+        scores = real_attribute(*args, **kwargs)
+        scores[0] = float("nan")
+        return scores
+
+    monkeypatch.setattr(analysis_run, "attribute", first_image_nan)
+    summary = run_analysis(overrides, tmp_path, "images.n=2")
+    captions = pd.read_parquet(tmp_path / "captions.parquet")
+    nan_images = captions[captions["skip_reason"] == "non-finite attribution scores"]
+    assert len(nan_images) == 1 and summary["skip_reasons"]["non-finite attribution scores"] == 1
+    ablation = pd.read_parquet(tmp_path / "ablation.parquet")
+    assert nan_images["image_id"].iloc[0] not in set(ablation["image_id"])
+    assert ablation["delta_p"].notna().all()
+
+
+def test_sweep_over_methods_is_one_wandb_group_with_two_result_folders(overrides, tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "analyze.py"), "-m", "attribution=grad,ig",
+                           *overrides, "images.n=2", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    runs = [run_info(next((sweep / job).glob("wandb/offline-run-*/run-*.wandb"))) for job in ("0", "1")]
+    assert runs[0]["group"] == runs[1]["group"] == "sweep"
+    assert "attribution=grad" in runs[0]["name"] and "attribution=ig" in runs[1]["name"]
+    methods = [json.loads((sweep / job / "summary.json").read_text())["method"] for job in ("0", "1")]
+    assert methods == ["grad", "ig"]
+    assert all((sweep / job / "neurons.parquet").is_file() for job in ("0", "1"))
