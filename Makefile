@@ -1,5 +1,5 @@
 # The two quick-start commands (see README):
-#   make demo   the main job on the Shapes world: build it if needed, train the projection
+#   make demo   the main job on the Shapes world: build it if needed, train the projection, analyse it
 #   make test   the test suite
 # Each creates the local virtual environment .venv on first use; re-running is cheap.
 
@@ -26,6 +26,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) train.py
+	$(PY) analyze.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
