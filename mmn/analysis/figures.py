@@ -26,8 +26,11 @@ def ablation_curves(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
             mean, error = rows[f"{column}_mean"] * scale, rows[f"{column}_sem"].fillna(0) * scale
             axis.plot(rows["k"], mean, marker="o", label=label, color=color)
             axis.fill_between(rows["k"], mean - error, mean + error, alpha=0.2, color=color)
+    ks = sorted(curves["k"].unique())
     for axis in (left, right):
         axis.set_xscale("symlog", linthresh=50)
+        axis.set_xticks(ks, [str(k) for k in ks], rotation=45, fontsize=8)
+        axis.minorticks_off()
         axis.set_xlabel("units ablated (k)")
         axis.grid(alpha=0.3)
     left.set_ylabel("change in p(c), % (mean ± s.e.)")
@@ -35,10 +38,7 @@ def ablation_curves(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
     left.axhline(0, color="black", linewidth=0.8)
     left.legend(fontsize=8)
     figure.suptitle(title or "Ablating units ordered by attribution score")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def layer_distribution(neurons: pd.DataFrame, n_layers: int, path: Path, title: str = "") -> Path:
@@ -54,6 +54,10 @@ def layer_distribution(neurons: pd.DataFrame, n_layers: int, path: Path, title: 
     axis.set_xticks(range(n_layers))
     axis.legend(fontsize=8)
     axis.set_title(title or "Layer distribution of top units (S.6)")
+    return save(figure, path)
+
+
+def save(figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
