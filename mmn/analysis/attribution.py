@@ -6,9 +6,10 @@ Three methods, one signature (`attribute(lm, method, ...)`), each returning
 - `grad` (paper eq. 2):  g[l, p, k] = Z[l, p, k] * d y^c / d Z[l, p, k]
   Z is the pre-activation of layer l's MLP (the output of its first projection, before the
   activation) and y^c the logit of c at the position that predicts it. All layers come from one
-  forward and one backward pass: a zero tensor that requires grad is added to each hooked Z, so
-  the gradient it receives is dy^c/dZ with every path through the layers above intact, and the
-  backward pass stops at the lowest hooked layer (the frozen LM has no parameter gradients).
+  forward and one backward pass: the gradient is taken w.r.t. each hooked Z itself (the lowest
+  one is made a leaf that requires grad), so it is dy^c/dZ with every path through the layers
+  above intact, and the backward pass stops at the lowest hooked layer (the frozen LM has no
+  parameter gradients).
 - `ig`, integrated gradients per layer as in Dai et al. ("Knowledge neurons", eq. 3): layer l's
   pre-activations Z (all positions) are scaled from the baseline 0 to their value,
       ig[l, p, k] = Z[l, p, k] * sum_s w_s * d y^c / d Z[l, p, k] evaluated at alpha_s * Z_l,
@@ -95,22 +96,25 @@ def grad_attribution(lm: LanguageModel, inputs_embeds: Tensor, target_positions:
     """Z * dy^c/dZ for every unit of `layers` at `positions` (the image patches).
     -> [batch, len(layers), n_positions, d_mlp]"""
     modules = _check_layers(lm, layers)
-    pre_activations, probes = {}, {}
+    pre_activations = {}
 
-    def add_probe(module, args, output):
-        probe = torch.zeros_like(output, requires_grad=True)  # [batch, pos, d_mlp]
-        pre_activations[module], probes[module] = output.detach(), probe
-        return output + probe
+    def keep(module, args, output):
+        # the lowest hooked Z has nothing below it that asks for a gradient: it is a leaf, make it one
+        # that keeps its gradient; the others already require one (from the Z below them)
+        if not output.requires_grad:
+            output.requires_grad_()
+        pre_activations[module] = output  # [batch, pos, d_mlp]
 
-    handles = [module.register_forward_hook(add_probe) for module in modules]
+    handles = [module.register_forward_hook(keep) for module in modules]
     try:
         with torch.enable_grad():
             logit = target_logits(lm, inputs_embeds.detach(), target_positions, target_ids)
-            gradients = torch.autograd.grad(logit.sum(), [probes[module] for module in modules])
+            # the gradient w.r.t. Z itself, intermediate or not, is dy/dZ with every path above intact
+            gradients = torch.autograd.grad(logit.sum(), [pre_activations[module] for module in modules])
     finally:
         for handle in handles:
             handle.remove()
-    scores = [pre_activations[module][:, positions] * gradient[:, positions]
+    scores = [pre_activations[module].detach()[:, positions] * gradient[:, positions]
               for module, gradient in zip(modules, gradients)]
     return torch.stack(scores, dim=1)
 
@@ -154,7 +158,7 @@ def ig_layer(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor,
 
         def scale_pre_activation(module, args, output):
             nonlocal pre_activation
-            pre_activation = output[:batch].detach()
+            pre_activation = output[:batch].detach().clone()  # a view would keep all n*batch rows alive
             scaled["z"] = (output.detach() * scale[:, None, None]).requires_grad_()  # [n*batch, pos, d_mlp]
             return scaled["z"]
 
