@@ -155,8 +155,8 @@ def setting_masks(settings_units: Sequence[Tensor], layers: Iterable[int], d_mlp
     """One row of masks per setting: {layer: [n_settings, d_mlp] bool}."""
     masks = {layer: torch.zeros(len(settings_units), d_mlp, dtype=torch.bool) for layer in layers}
     for row, units in enumerate(settings_units):
-        for layer, unit in units.tolist():
-            masks[layer][row, unit] = True
+        for layer, mask in masks.items():
+            mask[row, units[units[:, 0] == layer, 1]] = True
     return masks
 
 
@@ -164,7 +164,7 @@ def setting_masks(settings_units: Sequence[Tensor], layers: Iterable[int], d_mlp
 def ablation_sweep(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor,
                    settings: Sequence[Sequence[tuple[str, int, Tensor]]], layers: Iterable[int], mode: str = "zero",
                    means: Mapping[int, Tensor] | None = None, n_prompt: int | None = None,
-                   max_new_tokens: int = 20, rows_per_pass: int = 64, first_positions: int | None = None
+                   max_new_tokens: int = 20, rows_per_pass: int = 24, first_positions: int | None = None
                    ) -> list[list[dict]]:
     """p(c) and, when `n_prompt` is given, the re-generated greedy caption under each setting of
     each image: settings[i] are image i's (arm, k, units) (ablation_settings).
