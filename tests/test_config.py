@@ -7,10 +7,12 @@ from mmn.config import CONFIG_DIR, compose
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 OPTIONS = [(group, option.stem) for group in GROUPS for option in sorted((CONFIG_DIR / group).glob("*.yaml"))]
+ANALYSIS_GROUPS = {"attribution", "layers", "filter", "ablation"}  # composed by analyze.py (conf/analyze.yaml)
 
 
 def test_groups_mirror_the_code():
-    assert {"lm", "encoder", "projection", "data", "world", "training", "trainer", "logger", "experiment"} <= set(GROUPS)
+    assert {"lm", "encoder", "projection", "data", "world", "training", "trainer", "logger", "experiment",
+            *ANALYSIS_GROUPS} <= set(GROUPS)
     for preset in ["lm/gptj_6b", "lm/gpt2", "lm/pythia", "lm/llama", "encoder/beit_large",
                    "encoder/clip_rn50x16", "encoder/nfrn50", "encoder/vit_random", "data/cc3m", "data/coco",
                    "training/limber", "training/shapes", "trainer/cpu", "trainer/gpu", "trainer/ddp", "trainer/fsdp",
@@ -20,7 +22,7 @@ def test_groups_mirror_the_code():
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_resolves(group, option):
-    cfg = compose([f"{group}={option}"])
+    cfg = compose([f"{group}={option}"], config_name="analyze" if group in ANALYSIS_GROUPS else "config")
     # Resolving raises on any interpolation that does not resolve or value left missing.
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     written = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
