@@ -11,11 +11,11 @@ every forward pass inside the block (the prompt pass and each generated token):
         ...
 
 `ablate_masks` does the same from boolean masks, one row of masks per row of the batch, so that
-the ablation sweep (sweep.py) runs many (arm, k) settings in one batched pass.
+`ablation_sweep` below runs many (image, arm, k) settings in one batched pass.
 
-Which positions the paper ablates is not stated (see ../shared/reference/procedure-notes.md);
-all positions is the choice that also holds during generation with a KV cache, where each new
-token arrives alone. For GPT-J, zeroing A is zeroing act(Z) = GELU(Z), the same as setting the
+Which positions the paper ablates is not stated. All positions (the default) is the choice that
+also holds during generation with a KV cache, where each new token arrives alone;
+`first_positions=n` ablates the image prompts only. For GPT-J, zeroing A is zeroing act(Z) = GELU(Z), the same as setting the
 pre-activation Z to zero (GELU(0) = 0).
 """
 
