@@ -78,3 +78,20 @@ def test_bad_ablations_are_named_before_any_hook(lm):
         with ablate(lm, {7: [1]}):
             pass
     assert all(not lm.mlp_out(layer)._forward_pre_hooks for layer in range(lm.n_layers))
+
+
+def test_first_positions_ablates_the_prompt_only(lm):
+    """first_positions=n: the first n positions of a pass that holds them; a single-token pass
+    (cached generation, after the prompt) is left alone."""
+    from mmn.analysis.ablation import ablate_masks
+
+    ids = torch.randint(2, 20, (2, 7))
+    clean, _ = activations(lm, ids)
+    mask = torch.zeros(D_MLP, dtype=torch.bool)
+    mask[[3, 40]] = True
+    with ablate_masks(lm, {0: mask}, first_positions=3):
+        ablated, _ = activations(lm, ids)
+        step, _ = activations(lm, ids[:, :1])
+    assert torch.equal(ablated[0][:, :3, [3, 40]], torch.zeros(2, 3, 2))
+    assert torch.equal(ablated[0][:, 3:], clean[0][:, 3:])
+    assert torch.equal(step[0], activations(lm, ids[:, :1])[0][0])

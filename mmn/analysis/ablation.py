@@ -15,8 +15,8 @@ every forward pass inside the block (the prompt pass and each generated token):
 
 Which positions the paper ablates is not stated. All positions (the default) is the choice that
 also holds during generation with a KV cache, where each new token arrives alone;
-`first_positions=n` ablates the image prompts only. For GPT-J, zeroing A is zeroing act(Z) = GELU(Z), the same as setting the
-pre-activation Z to zero (GELU(0) = 0).
+`first_positions=n` ablates the image prompts only. For GPT-J, zeroing A is zeroing
+act(Z) = GELU(Z), the same as setting the pre-activation Z to zero (GELU(0) = 0).
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ def ablate_masks(lm: LanguageModel, masks: Mapping[int, Tensor], mode: str = "ze
             if means[layer].shape != (lm.d_mlp,):
                 raise ValueError(f"ablate: means[{layer}] has shape {tuple(means[layer].shape)}, expected ({lm.d_mlp},)")
             values = means[layer]
-        plan[lm.mlp_out(layer)] = (mask.reshape(-1, 1, lm.d_mlp), values)
+        # on the model's device once, not in every pass of every layer
+        values = None if values is None else values.to(lm.device, lm.dtype)
+        plan[lm.mlp_out(layer)] = (mask.reshape(-1, 1, lm.d_mlp).to(lm.device), values)
 
     def replace(module, args):
         mask, values = plan[module]
@@ -88,10 +90,9 @@ def ablate_masks(lm: LanguageModel, masks: Mapping[int, Tensor], mode: str = "ze
         if first_positions is not None:
             if activation.shape[1] < first_positions:
                 return None  # a cached generation step, after the ablated positions
-            mask = mask & (torch.arange(activation.shape[1]) < first_positions)[:, None]  # [rows or 1, pos, d_mlp]
-        mask = mask.to(activation.device)
-        value = torch.zeros((), dtype=activation.dtype, device=activation.device) if values is None \
-            else values.to(activation.device, activation.dtype)
+            in_prompt = torch.arange(activation.shape[1], device=activation.device) < first_positions  # [pos]
+            mask = mask & in_prompt[:, None]  # [rows or 1, pos, d_mlp]
+        value = torch.zeros((), dtype=activation.dtype, device=activation.device) if values is None else values
         return (torch.where(mask, value, activation), *args[1:])
 
     handles = [module.register_forward_pre_hook(replace) for module in plan]
