@@ -95,3 +95,36 @@ def test_first_positions_ablates_the_prompt_only(lm):
     assert torch.equal(ablated[0][:, :3, [3, 40]], torch.zeros(2, 3, 2))
     assert torch.equal(ablated[0][:, 3:], clean[0][:, 3:])
     assert torch.equal(step[0], activations(lm, ids[:, :1])[0][0])
+
+
+def test_sweep_equals_one_ablated_forward_and_generate_per_setting(lm):
+    """ablation_sweep (settings as rows of one batch, one prompt pass for both p(c) and the caption)
+    gives the p(c) and the greedy caption of ablating each setting alone."""
+    from mmn.analysis.ablation import ablation_settings, ablation_sweep
+    from mmn.analysis.attribution import target_probabilities
+
+    torch.manual_seed(1)
+    n_prompt, images = 6, 2
+    inputs = torch.randn(images, n_prompt + 3, lm.d_model) * 0.5  # prompt + 3 caption tokens; c after the 2nd
+    positions, ids = torch.tensor([n_prompt - 1, n_prompt + 1]), torch.tensor([5, 9])
+    settings = []
+    for image in range(images):
+        order = torch.randperm(lm.n_layers * D_MLP)
+        ranking = torch.stack([order // D_MLP, order % D_MLP], dim=1)
+        settings.append(ablation_settings(ranking, ranking[::3], [0, 10, 60], D_MLP,
+                                          torch.Generator().manual_seed(image)))
+    swept = ablation_sweep(lm, inputs, positions, ids, settings, range(lm.n_layers), n_prompt=n_prompt,
+                           max_new_tokens=5, rows_per_pass=4)
+
+    p_seen = set()
+    for image in range(images):
+        for (arm, k, units), result in zip(settings[image], swept[image]):
+            with ablate(lm, {layer: units[units[:, 0] == layer, 1] for layer in range(lm.n_layers)}), torch.no_grad():
+                p = target_probabilities(lm, inputs[image : image + 1], positions[image : image + 1],
+                                         ids[image : image + 1]).item()
+                caption = lm.greedy(inputs[image : image + 1, :n_prompt], max_new_tokens=5)[0]
+            assert (result["arm"], result["k"], result["n_ablated"]) == (arm, k, len(units))
+            assert result["p_target"] == pytest.approx(p, rel=1e-4)
+            assert result["caption_ids"] == caption
+            p_seen.add(round(p, 6))
+    assert len(p_seen) > 5  # the settings really differ

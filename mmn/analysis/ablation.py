@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from mmn.analysis.attribution import target_probabilities
+from mmn.analysis.attribution import logits_at, target_probabilities
 from mmn.models.lm import LanguageModel
 
 MODES = ("zero", "mean")
@@ -161,6 +161,25 @@ def setting_masks(settings_units: Sequence[Tensor], layers: Iterable[int], d_mlp
     return masks
 
 
+def probability_and_caption(lm: LanguageModel, inputs_embeds: Tensor, n_prompt: int, target_positions: Tensor,
+                            target_ids: Tensor, max_new_tokens: int = 20) -> tuple[Tensor, list[list[int]]]:
+    """p(c) and the greedy caption from one pass over the prompt: inputs_embeds [rows, pos, d_lm]
+    is the prompt (its first n_prompt positions) + the caption up to c. The caption's tokens are
+    teacher-forced on the prompt's KV cache to read p(c) at target_positions [rows], then the
+    cache is cut back to the prompt and decoding starts from the prompt's last position.
+    -> (p(c) [rows], each row's caption token ids)"""
+    prompt = lm.model.base_model(inputs_embeds=inputs_embeds[:, :n_prompt], use_cache=True)
+    cache = prompt.past_key_values
+    hidden = prompt.last_hidden_state[:, -1:]  # [rows, 1, d_lm], after the final norm: predicts the 1st token
+    if inputs_embeds.shape[1] > n_prompt:
+        forced = lm.model.base_model(inputs_embeds=inputs_embeds[:, n_prompt:], past_key_values=cache, use_cache=True)
+        hidden = torch.cat([hidden, forced.last_hidden_state], dim=1)  # positions n_prompt - 1, n_prompt, ...
+        cache.crop(-forced.last_hidden_state.shape[1])  # back to the prompt (a negative count: tokens to drop)
+    logits = logits_at(lm, hidden, target_positions - (n_prompt - 1))[:, : lm.vocab_size]  # [rows, vocab]
+    probabilities = logits.float().softmax(dim=-1)[torch.arange(len(logits)), target_ids.to(logits.device)]
+    return probabilities, lm.greedy_after(lm.unembed(hidden[:, 0]), cache, max_new_tokens)
+
+
 @torch.no_grad()
 def ablation_sweep(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor,
                    settings: Sequence[Sequence[tuple[str, int, Tensor]]], layers: Iterable[int], mode: str = "zero",
@@ -172,7 +191,8 @@ def ablation_sweep(lm: LanguageModel, inputs_embeds: Tensor, target_positions: T
     inputs_embeds [images, pos, d_lm] (prompt + caption up to c), target_positions/ids [images].
 
     Settings of an image that ablate the same units run once; each pass runs up to `rows_per_pass`
-    (image, setting) rows as one batch with per-row masks, with logits at the target position only."""
+    (image, setting) rows as one batch with per-row masks, with logits at the target position
+    only, and one pass over the prompt gives both p(c) and the caption (probability_and_caption)."""
     layers = list(layers)
     rows: list[tuple[int, Tensor]] = []  # (image, units) of each distinct setting
     setting_rows = []  # per image, the row of each of its settings
@@ -193,9 +213,13 @@ def ablation_sweep(lm: LanguageModel, inputs_embeds: Tensor, target_positions: T
         masks = setting_masks([units for _, units in chunk], layers, lm.d_mlp)
         batch = inputs_embeds[images]  # [rows, pos, d_lm]
         with ablate_masks(lm, masks, mode, means, first_positions):
-            p_target += target_probabilities(lm, batch, target_positions[images], target_ids[images]).tolist()
-            if n_prompt is not None:
-                captions += lm.greedy(batch[:, :n_prompt], max_new_tokens)
+            if n_prompt is None:
+                p_target += target_probabilities(lm, batch, target_positions[images], target_ids[images]).tolist()
+            else:
+                p, chunk_captions = probability_and_caption(lm, batch, n_prompt, target_positions[images],
+                                                            target_ids[images], max_new_tokens)
+                p_target += p.tolist()
+                captions += chunk_captions
     return [[{"arm": arm, "k": k, "n_ablated": len(units), "p_target": p_target[row],
               "caption_ids": captions[row] if captions else None}
              for (arm, k, units), row in zip(image_settings, image_rows)]
