@@ -17,6 +17,13 @@ def lm(request):
     return LanguageModel(build_tiny(request.param).eval(), build_tokenizer())
 
 
+def model_target_logits(lm, inputs, target_positions, target_ids):
+    """y^c from the model's own forward (all logits at every position): the reference for captum,
+    independent of mmn's target-only pass."""
+    logits = lm.model(inputs_embeds=inputs).logits  # [rows, pos, vocab]
+    return logits[torch.arange(len(logits)), target_positions, target_ids]
+
+
 def test_grad_matches_captum_over_all_layers(lm):
     torch.manual_seed(1)
     inputs = torch.randn(3, 9, lm.d_model)  # 6 "image patches" + 3 text positions, right-padded rows
@@ -25,7 +32,7 @@ def test_grad_matches_captum_over_all_layers(lm):
     patches = slice(0, 6)
     ours = grad_attribution(lm, inputs, target_positions, target_ids, layers, patches)  # [3, L, 6, d_mlp]
 
-    captum = LayerGradientXActivation(lambda x: target_logits(lm, x, target_positions, target_ids),
+    captum = LayerGradientXActivation(lambda x: model_target_logits(lm, x, target_positions, target_ids),
                                       [lm.mlp_in(layer) for layer in layers])
     theirs = torch.stack([a[:, patches] for a in captum.attribute(inputs)], dim=1)
     assert ours.shape == (3, lm.n_layers, 6, D_MLP)
@@ -58,7 +65,7 @@ def captum_ig_layer(lm, inputs, target_positions, target_ids, layer, steps, rule
     def forward(z_rows, inputs_rows, positions_rows, ids_rows):
         handle = lm.mlp_in(layer).register_forward_hook(lambda module, args, output: z_rows)
         try:
-            return target_logits(lm, inputs_rows, positions_rows, ids_rows)
+            return model_target_logits(lm, inputs_rows, positions_rows, ids_rows)
         finally:
             handle.remove()
 
