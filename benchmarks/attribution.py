@@ -298,7 +298,8 @@ def main(quick: bool, threads: int | None) -> None:
           f"GPT-J shape, random weights: {sizes.n_layers} layers, d_model {D_MODEL}, d_mlp {D_MLP}, vocab {VOCAB}"
           f"{' [--quick]' if quick else ''}")
     print(f"times: median of {sizes.repeats['grad']} (grad) / {sizes.repeats['ig']} (ig) repeats after a warm-up "
-          f"(ig: on its last layer only), methods interleaved; peak MB: peak RSS above model + inputs, each method once in a fresh process")
+          f"(ig: on its last layer only), methods interleaved; peak MB: peak RSS above model + inputs, "
+          f"each method once in a fresh process")
     lm = build_lm(sizes)
     all_close = True
 
