@@ -145,11 +145,17 @@ def ablation_settings(ranking: Tensor, interpretable: Tensor, ks: Sequence[int],
     settings = []
     for k in ks:
         top = ranking[:k]
-        random = [torch.stack([torch.full((n,), layer), torch.randperm(d_mlp, generator=generator)[:n]], dim=1)
-                  for layer, n in zip(*[t.tolist() for t in top[:, 0].unique(return_counts=True)])]
-        random = torch.cat(random) if random else top
-        settings += [("top", k, top), ("top_interpretable", k, interpretable[:k]), ("random", k, random)]
+        settings += [("top", k, top), ("top_interpretable", k, interpretable[:k]),
+                     ("random", k, random_units_like(top, d_mlp, generator))]
     return settings
+
+
+def random_units_like(units: Tensor, d_mlp: int, generator: torch.Generator) -> Tensor:
+    """The random-units baseline: as many units per layer as `units` ([n, 2] of (layer, unit))
+    holds, drawn uniformly without replacement within that layer.  -> [n, 2], by ascending layer"""
+    drawn = [torch.stack([torch.full((n,), layer), torch.randperm(d_mlp, generator=generator)[:n]], dim=1)
+             for layer, n in zip(*[t.tolist() for t in units[:, 0].unique(return_counts=True)])]
+    return torch.cat(drawn) if drawn else units
 
 
 def setting_masks(settings_units: Sequence[Tensor], layers: Iterable[int], d_mlp: int) -> dict[int, Tensor]:
