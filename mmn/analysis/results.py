@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-TABLES = ("neurons", "ablation", "captions")  # the order a batch's parts are written in: captions last
+TABLES = ("neurons", "ablation", "captions")  # analyze's tables, in the order a batch writes them: captions last
 
 
 def atomic_write(path: Path, write) -> None:
@@ -43,8 +43,11 @@ def write_json(value, path: Path) -> None:
 
 
 class ResultStore:
-    def __init__(self, run_dir: str | Path, depends_on: dict):
-        self.dir = Path(run_dir)
+    """`tables`: the tables of every batch, in the order they are written; the last one's part
+    marks a batch done."""
+
+    def __init__(self, run_dir: str | Path, depends_on: dict, tables: tuple[str, ...] = TABLES):
+        self.dir, self.tables = Path(run_dir), tables
         self.parts = self.dir / "parts"
         record = self.dir / "analysis.json"
         if record.is_file():
@@ -60,10 +63,10 @@ class ResultStore:
 
     def done(self) -> set[int]:
         """Batches whose parts are all written."""
-        return {int(path.stem) for path in (self.parts / "captions").glob("*.parquet")}
+        return {int(path.stem) for path in (self.parts / self.tables[-1]).glob("*.parquet")}
 
     def write_batch(self, batch: int, tables: dict[str, pd.DataFrame]) -> None:
-        for name in TABLES:
+        for name in self.tables:
             write_parquet(tables[name], self.parts / name / f"{batch:06d}.parquet")
 
     def table(self, name: str) -> pd.DataFrame:
@@ -75,7 +78,7 @@ class ResultStore:
 
     def merge(self) -> dict[str, pd.DataFrame]:
         """Write each table's parts as one <table>.parquet; returns the tables."""
-        tables = {name: self.table(name) for name in TABLES}
+        tables = {name: self.table(name) for name in self.tables}
         for name, frame in tables.items():
             write_parquet(frame, self.dir / f"{name}.parquet")
         return tables

@@ -30,7 +30,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
-from mmn.analysis.ablation import ARMS, MODES, ablation_settings, ablation_sweep, mean_activations
+from mmn.analysis.ablation import (
+    ARMS,
+    MODES,
+    ablation_settings,
+    ablation_sweep,
+    mean_activations,
+)
 from mmn.analysis.attribution import IG_RULES, METHODS, attribute
 from mmn.analysis.captions import caption_targets
 from mmn.analysis.figures import ablation_curves, layer_distribution
@@ -186,7 +192,7 @@ def summarize(tables: dict[str, pd.DataFrame], curves: pd.DataFrame, seconds: fl
                "skip_reasons": captions["skip_reason"].dropna().value_counts().to_dict() if len(captions) else {},
                "p_target_mean": float(analysed["p_target"].mean()) if len(analysed) else math.nan,
                "top_neurons_interpretable": float(neurons["interpretable"].mean()) if len(neurons) else math.nan,
-               "unique_top_units": int(len(neurons.drop_duplicates(["layer", "unit"]))) if len(neurons) else 0,
+               "unique_top_units": len(neurons.drop_duplicates(["layer", "unit"])) if len(neurons) else 0,
                "seconds": round(seconds, 1)}
     for row in curves.itertuples():
         summary[f"ablation/{row.arm}/k={row.k}/delta_p"] = row.delta_p_mean
@@ -217,17 +223,17 @@ def log_to_trackers(loggers, summary: dict, tables: dict[str, pd.DataFrame], cur
 
 # ----------------------------------------------------------------------------- analyze
 
-def analyze(cfg: DictConfig) -> dict:
-    """Run the analysis `cfg` describes; returns (and writes) its summary."""
+def prepare_run(cfg: DictConfig) -> tuple[Path, CocoImages, int]:
+    """What every analysis run does first: its run directory (W&B offline files inside it), the
+    Shapes world when the config points into it, the projection checkpoint resolved, and the
+    evaluation images.  -> (run_dir, images, how many of them to analyse)"""
     if cfg.paths.output_dir is None:
-        raise ValueError("paths.output_dir is not set: run through analyze.py (Hydra sets it) or pass it")
-    check_settings(cfg)
+        raise ValueError("paths.output_dir is not set: run through the entry point (Hydra sets it) or pass it")
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     offline_run_environment(run_dir)
     if cfg.logger.kind == "wandb":
         os.environ["WANDB_MODE"] = cfg.logger.mode
-    started = time.perf_counter()
     if uses_world(cfg):
         ensure_world(cfg)
     if cfg.projection.checkpoint == "latest":
@@ -237,6 +243,19 @@ def analyze(cfg: DictConfig) -> dict:
     n_images = len(images) if cfg.images.n is None else min(cfg.images.n, len(images))
     if n_images == 0:
         raise ValueError(f"data.eval.root={cfg.data.eval.root} split {cfg.data.eval.split} holds no images")
+    return run_dir, images, n_images
+
+
+def image_batches(n_images: int, batch_size: int) -> list[list[int]]:
+    """The image indices 0..n_images-1 in batches; each batch is one resume point."""
+    return [list(range(start, min(start + batch_size, n_images))) for start in range(0, n_images, batch_size)]
+
+
+def analyze(cfg: DictConfig) -> dict:
+    """Run the analysis `cfg` describes; returns (and writes) its summary."""
+    check_settings(cfg)
+    started = time.perf_counter()
+    run_dir, images, n_images = prepare_run(cfg)
     interpretable = InterpretableFilter(cfg.filter.top_k, cfg.filter.min_words, cfg.filter.min_letters,
                                         cfg.filter.dictionary)
     from mmn.analysis.bertscore import BertScorer
@@ -256,8 +275,7 @@ def analyze(cfg: DictConfig) -> dict:
     decoder = UnitDecoder(captioner.lm, interpretable, cfg.filter.final_norm)
     finder = get_finder(cfg.first_noun)
 
-    batches = [list(range(start, min(start + cfg.images.batch_size, n_images)))
-               for start in range(0, n_images, cfg.images.batch_size)]
+    batches = image_batches(n_images, cfg.images.batch_size)
     done = store.done()
     if done:
         log.info("resuming: %d of %d batches already in %s", len(done & set(range(len(batches)))), len(batches), run_dir)
