@@ -1,5 +1,5 @@
-"""The analysis figures (PNG): ablation curves (paper Figure 6) and the layer distribution of top
-units (supplement S.6)."""
+"""The analysis figures (PNG): ablation curves (paper Figure 6), the layer distribution of top
+units (supplement S.6) and the score distributions of decoded image prompts (Figure 3)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no screen
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
 ARM_STYLE = {"top": ("multimodal neurons (top units)", "tab:red"),
              "top_interpretable": ("interpretable top units", "tab:orange"),
@@ -54,6 +54,24 @@ def layer_distribution(neurons: pd.DataFrame, n_layers: int, path: Path, title: 
     axis.set_xticks(range(n_layers))
     axis.legend(fontsize=8)
     axis.set_title(title or "Layer distribution of top units (S.6)")
+    return save(figure, path)
+
+
+KIND_STYLE = {"prompt": ("image prompts, decoded", "tab:blue"), "random": ("random vectors, decoded", "tab:gray"),
+              "noun": ("nouns of the human captions", "tab:green"), "caption": ("generated captions", "tab:red")}
+
+
+def score_distributions(per_image: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Histograms of the per-image mean CLIPScore and BERTScore of each kind of text (Figure 3)."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for axis, metric, label in zip(axes, ("clipscore", "bertscore"), ("CLIPScore", "BERTScore F1 vs human captions")):
+        for kind, rows in per_image.groupby("kind", sort=False):
+            name, color = KIND_STYLE.get(kind, (kind, None))
+            axis.hist(rows[metric].dropna(), bins=20, alpha=0.5, color=color, label=name)
+        axis.set_xlabel(f"{label} (mean per image)")
+        axis.set_ylabel("images")
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title or "Decoded image prompts (Figure 3)")
     return save(figure, path)
 
 

@@ -13,11 +13,14 @@ decode to words about the image, though the model captions it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from scipy.stats import ks_2samp
 from torch import Tensor
 
@@ -79,3 +82,142 @@ def ks_test(a: Sequence[float] | Tensor | np.ndarray, b: Sequence[float] | Tenso
         raise ValueError(f"KS test needs at least {MIN_KS_VALUES} values per sample, got {len(a)} and {len(b)}")
     result = ks_2samp(a, b, alternative="two-sided")
     return {"statistic": float(result.statistic), "pvalue": float(result.pvalue), "n_a": len(a), "n_b": len(b)}
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+KINDS = ("prompt", "random", "noun", "caption")  # the rows of Table 2
+
+
+@torch.no_grad()
+def texts_to_score(captioner, items: Sequence[dict], finder, generator: torch.Generator, top_k: int = 5,
+                   norm_matched: bool = True, max_new_tokens: int = 20) -> list[dict]:
+    """The texts Table 2 scores for a batch of images (CocoImages items), one dict each with
+    kind, image_id, position and text:
+      prompt   each image prompt's top_k nearest tokens, as the comma-separated string the paper scores
+      random   the same for as many random vectors, each with its prompt's norm (norm_matched) or N(0, I)
+      noun     the first noun of each human caption (the paper's "COCO nouns")
+      caption  the captioner's greedy caption"""
+    from mmn.analysis.clipscore import join_tokens
+
+    pixels = captioner.preprocess([item["image"] for item in items])
+    prompts = captioner.image_prompts(pixels).float()  # [batch, n_image, d_lm]
+    batch, n_image, d_lm = prompts.shape
+    norms = prompts.norm(dim=-1).flatten() if norm_matched else None  # [batch * n_image]
+    decoded = {"prompt": decode_prompts(captioner.lm, prompts.flatten(0, 1), top_k),
+               "random": decode_prompts(captioner.lm, random_prompts(batch * n_image, d_lm, generator, norms), top_k)}
+    captions = captioner.tokenizer.batch_decode(captioner.generate(pixels, max_new_tokens), skip_special_tokens=True)
+    rows = []
+    for i, item in enumerate(items):
+        for kind, tokens in decoded.items():
+            rows += [{"kind": kind, "image_id": item["image_id"], "position": p,
+                      "text": join_tokens(tokens[i * n_image + p])} for p in range(n_image)]
+        nouns = [noun.word for noun in map(finder, item["captions"]) if noun is not None]
+        rows += [{"kind": "noun", "image_id": item["image_id"], "position": j, "text": noun}
+                 for j, noun in enumerate(nouns)]
+        rows.append({"kind": "caption", "image_id": item["image_id"], "position": 0, "text": captions[i].strip()})
+    return rows
+
+
+def score_texts(rows: list[dict], items: Sequence[dict], clip, bertscore) -> pd.DataFrame:
+    """CLIPScore of each row's text against its image and BERTScore F1 against the image's human
+    captions (the mean over them); each distinct (image, text) is scored once."""
+    by_id = {item["image_id"]: item for item in items}
+    distinct = sorted({(row["image_id"], row["text"]) for row in rows})
+    clip_scores = clip.score([by_id[image_id]["image"] for image_id, _ in distinct], [text for _, text in distinct])
+    pairs = [(text, reference) for image_id, text in distinct for reference in by_id[image_id]["captions"]]
+    f1 = iter(bertscore([text for text, _ in pairs], [reference for _, reference in pairs]))
+    scores = {}
+    for (image_id, text), clip_score in zip(distinct, clip_scores.tolist()):
+        references = by_id[image_id]["captions"]
+        scores[image_id, text] = (clip_score, float(np.mean([next(f1) for _ in references])) if references else np.nan)
+    frame = pd.DataFrame(rows)
+    frame[["clipscore", "bertscore"]] = [scores[key] for key in zip(frame["image_id"], frame["text"])]
+    return frame
+
+
+def table2(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Per-image means of each kind, then the mean and standard error over images (Table 2), and
+    two-sample KS tests on the per-image CLIPScores: prompts vs random vectors, prompts vs nouns.
+    -> (per_image, table, {"prompt_vs_random": ks, "prompt_vs_noun": ks})"""
+    per_image = scores.groupby(["kind", "image_id"])[["clipscore", "bertscore"]].mean().reset_index()
+    table = (per_image.groupby("kind")[["clipscore", "bertscore"]].agg(["mean", "sem"])
+             .reindex([kind for kind in KINDS if kind in set(per_image["kind"])]))
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    clip_of = {kind: rows["clipscore"].to_numpy() for kind, rows in per_image.groupby("kind")}
+    tests = {f"prompt_vs_{other}": ks_test(clip_of["prompt"], clip_of[other]) for other in ("random", "noun")}
+    return per_image, table.reset_index(), tests
+
+
+def prompt_decoding(cfg) -> dict:
+    """`python experiments/prompt_decoding.py` (conf/prompt_decoding.yaml): section 3.1 on a trained
+    captioner. Per batch of images, the texts of each kind and their scores are written to disk
+    (a re-run into the same folder resumes); then Table 2, the KS tests, Figure 3 and W&B."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from mmn.analysis.bertscore import BertScorer
+    from mmn.analysis.clipscore import ClipScorer
+    from mmn.analysis.figures import score_distributions
+    from mmn.analysis.results import ResultStore, write_json, write_parquet
+    from mmn.analysis.run import image_batches, prepare_run, resolve_device
+    from mmn.config import files_fingerprint
+    from mmn.models.captioner import Captioner
+    from mmn.models.targets import get_finder
+    from mmn.training.loggers import finish, make_loggers
+
+    if cfg.decoding.random_norm not in ("matched", "standard"):
+        raise ValueError(f"decoding.random_norm={cfg.decoding.random_norm!r} is unknown; use matched or standard")
+    started = time.perf_counter()
+    run_dir, images, n_images = prepare_run(cfg)
+    clip = ClipScorer(cfg.clip.model, cfg.clip.pretrained)
+    bertscore = BertScorer(cfg.bertscore.model, cfg.bertscore.num_layers)
+    captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
+    finder = get_finder(cfg.first_noun)
+    depends_on = {key: OmegaConf.to_container(cfg[key], resolve=True)
+                  for key in ("encoder", "lm", "projection", "data", "images", "decoding", "clip", "bertscore")}
+    depends_on |= {"seed": cfg.seed, "first_noun": cfg.first_noun, "max_new_tokens": cfg.max_new_tokens,
+                   "projection_files": files_fingerprint(cfg.projection.checkpoint)}
+    store = ResultStore(run_dir, json.loads(json.dumps(depends_on, default=str)), tables=("scores",))
+    done = store.done()
+    for index, batch in enumerate(tqdm(image_batches(n_images, cfg.images.batch_size), desc="prompt decoding",
+                                       unit="batch")):
+        if index in done:
+            continue
+        items = [images[i] for i in batch]
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)  # per batch: a resumed run draws alike
+        rows = texts_to_score(captioner, items, finder, generator, cfg.decoding.top_k,
+                              cfg.decoding.random_norm == "matched", cfg.max_new_tokens)
+        store.write_batch(index, {"scores": score_texts(rows, items, clip, bertscore)})
+
+    scores = store.merge()["scores"]
+    per_image, table, tests = table2(scores)
+    write_parquet(per_image, run_dir / "per_image.parquet")
+    write_parquet(table, run_dir / "table2.parquet")
+    summary = {"images": int(per_image["image_id"].nunique()), "seconds": round(time.perf_counter() - started, 1)}
+    for row in table.itertuples():
+        summary |= {f"{row.kind}/clipscore": row.clipscore_mean, f"{row.kind}/bertscore": row.bertscore_mean}
+    for name, test in tests.items():
+        summary |= {f"ks/{name}/D": test["statistic"], f"ks/{name}/p": test["pvalue"]}
+    write_json(summary, run_dir / "summary.json")
+    (run_dir / "figures").mkdir(exist_ok=True)
+    figure = score_distributions(per_image, run_dir / "figures" / "prompt_decoding.png",
+                                 f"image prompts vs random vectors, nouns and captions, {summary['images']} images")
+    loggers = make_loggers(cfg, run_dir)
+    _log(loggers, summary, table, figure)
+    finish(loggers)
+    return summary
+
+
+def _log(loggers, summary: dict, table: pd.DataFrame, figure) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        logger.log_metrics(summary)
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            logger.experiment.log({"table2": wandb.Table(dataframe=table),
+                                   "figures/prompt_decoding": wandb.Image(str(figure))})
+            logger.experiment.summary.update(summary)

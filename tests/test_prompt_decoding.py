@@ -1,0 +1,80 @@
+"""`python experiments/prompt_decoding.py` end to end on the tiny Shapes world: every kind of text
+scored for every image, Table 2 and the KS tests from the per-image scores, resuming, bad input."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from mmn.analysis.prompts import prompt_decoding, table2
+from mmn.config import compose
+from mmn.models.projection import Projection
+
+N_IMAGE = 16  # the tiny world: 64 px images, 16 px patches
+
+
+@pytest.fixture(scope="module")
+def overrides(tiny_world, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("projection")
+    torch.manual_seed(0)
+    Projection(d_enc=32, d_lm=64).save(folder)  # the tiny world's encoder and LM widths
+    world = [o for o in tiny_world if not o.startswith("training=")]
+    return [*world, f"projection.checkpoint={folder}", "images.n=4", "images.batch_size=2", "max_new_tokens=6",
+            "device=cpu", "logger=none"]
+
+
+def run(overrides, run_dir, *extra):
+    return prompt_decoding(compose([*overrides, f"paths.output_dir={run_dir}", *extra], config_name="prompt_decoding"))
+
+
+@pytest.fixture(scope="module")
+def finished(overrides, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("prompts")
+    return run_dir, run(overrides, run_dir)
+
+
+def test_every_kind_is_scored_for_every_image(finished):
+    run_dir, summary = finished
+    scores = pd.read_parquet(run_dir / "scores.parquet")
+    counts = scores.groupby(["kind", "image_id"]).size().unstack(0)
+    assert len(counts) == summary["images"] == 4
+    assert (counts["prompt"] == N_IMAGE).all() and (counts["random"] == N_IMAGE).all()  # one text per image prompt
+    assert (counts["caption"] == 1).all() and (counts["noun"] >= 1).all()
+    decoded = scores[scores["kind"].isin(["prompt", "random"])]
+    assert decoded["text"].str.count(", ").eq(4).all()  # 5 tokens, comma-separated
+    assert scores["clipscore"].between(0, 100).all() and scores["bertscore"].between(-1, 1).all()
+    table = pd.read_parquet(run_dir / "table2.parquet")
+    assert list(table["kind"]) == ["prompt", "random", "noun", "caption"]
+    assert summary["prompt/clipscore"] == pytest.approx(table.loc[0, "clipscore_mean"])
+    assert 0 <= summary["ks/prompt_vs_random/D"] <= 1 and 0 <= summary["ks/prompt_vs_random/p"] <= 1
+    assert (run_dir / "figures" / "prompt_decoding.png").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["images"] == 4
+
+
+def test_a_rerun_resumes_to_the_same_scores(overrides, finished):
+    run_dir, _ = finished
+    before = pd.read_parquet(run_dir / "scores.parquet")
+    (run_dir / "parts" / "scores" / "000001.parquet").unlink()  # as if killed during the second batch
+    run(overrides, run_dir)
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "scores.parquet"), before)
+
+
+def test_table2_is_the_mean_over_images_of_per_image_means():
+    scores = pd.DataFrame({"kind": ["prompt"] * 5 + ["random"] * 4 + ["noun"] * 4,
+                           "image_id": [1, 1, 2, 3, 4] + [1, 2, 3, 4] * 2,
+                           "clipscore": [10.0, 20.0, 40.0, 50.0, 60.0] + [0.0, 10.0, 20.0, 30.0]
+                           + [70.0, 80.0, 90.0, 95.0],
+                           "bertscore": [0.1] * 13})
+    _, table, tests = table2(pd.concat([scores] * 2))  # repeated rows do not change the means
+    assert table.set_index("kind").loc["prompt", "clipscore_mean"] == pytest.approx((15 + 40 + 50 + 60) / 4)
+    assert table.set_index("kind").loc["random", "clipscore_mean"] == pytest.approx(15)
+    assert tests["prompt_vs_noun"]["statistic"] == 1.0 and tests["prompt_vs_noun"]["n_a"] == 4  # per image, separated
+    assert tests["prompt_vs_random"]["statistic"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="at least 4 values per sample, got 4 and 2"):
+        table2(scores[(scores["kind"] != "noun") | (scores["image_id"] <= 2)])
+
+
+def test_an_unknown_random_norm_is_named(overrides, tmp_path):
+    with pytest.raises(ValueError, match="decoding.random_norm='unit' is unknown"):
+        run(overrides, tmp_path, "decoding.random_norm=unit")
