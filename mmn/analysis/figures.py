@@ -62,13 +62,16 @@ KIND_STYLE = {"prompt": ("image prompts, decoded", "tab:blue"), "random": ("rand
 
 
 def score_distributions(per_image: pd.DataFrame, path: Path, title: str = "") -> Path:
-    """Histograms of the per-image mean CLIPScore and BERTScore of each kind of text (Figure 3)."""
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for axis, metric, label in zip(axes, ("clipscore", "bertscore"), ("CLIPScore", "BERTScore F1 vs human captions")):
+    """Histograms per kind of text of the per-image mean CLIPScore and BERTScore, and of the best
+    CLIPScore per image (Figure 3 shows the mean over patches and the max per image)."""
+    panels = (("clipscore", "CLIPScore, mean per image"), ("clipscore_max", "CLIPScore, max per image"),
+              ("bertscore", "BERTScore F1 vs human captions, mean per image"))
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for axis, (column, label) in zip(axes, panels):
         for kind, rows in per_image.groupby("kind", sort=False):
             name, color = KIND_STYLE.get(kind, (kind, None))
-            axis.hist(rows[metric].dropna(), bins=20, alpha=0.5, color=color, label=name)
-        axis.set_xlabel(f"{label} (mean per image)")
+            axis.hist(rows[column].dropna(), bins=20, alpha=0.5, color=color, label=name)
+        axis.set_xlabel(label)
         axis.set_ylabel("images")
     axes[0].legend(fontsize=8)
     figure.suptitle(title or "Decoded image prompts (Figure 3)")

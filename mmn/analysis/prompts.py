@@ -137,10 +137,13 @@ def score_texts(rows: list[dict], items: Sequence[dict], clip, bertscore) -> pd.
 
 
 def table2(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Per-image means of each kind, then the mean and standard error over images (Table 2), and
-    two-sample KS tests on the per-image CLIPScores: prompts vs random vectors, prompts vs nouns.
+    """Per-image means of each kind (and the best CLIPScore of each image, which Figure 3 also
+    shows), then the mean and standard error over images (Table 2), and two-sample KS tests on the
+    per-image mean CLIPScores: prompts vs random vectors, prompts vs nouns.
     -> (per_image, table, {"prompt_vs_random": ks, "prompt_vs_noun": ks})"""
-    per_image = scores.groupby(["kind", "image_id"])[["clipscore", "bertscore"]].mean().reset_index()
+    per_image = (scores.groupby(["kind", "image_id"])
+                 .agg(clipscore=("clipscore", "mean"), bertscore=("bertscore", "mean"),
+                      clipscore_max=("clipscore", "max")).reset_index())
     table = (per_image.groupby("kind")[["clipscore", "bertscore"]].agg(["mean", "sem"])
              .reindex([kind for kind in KINDS if kind in set(per_image["kind"])]))
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
