@@ -195,6 +195,64 @@ def test_figure_is_written(tmp_path):
     activation = torch.zeros(4, 4)
     activation[1, 2] = 1.0
     image = Image.new("RGB", (32, 32), (200, 120, 40))
-    figure = receptive_field_figure(image, activation, tmp_path / "field.png", title="L0.u3")
-    assert (tmp_path / "field.png").stat().st_size > 0
-    assert figure.axes[0].get_title() == "L0.u3"
+    path = receptive_field_figure(image, activation, tmp_path / "field.png", title="L0.u3")
+    assert path == tmp_path / "field.png" and path.stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+@pytest.fixture(scope="module")
+def experiment_overrides(tiny_world, tmp_path_factory):
+    from mmn.models.projection import Projection
+
+    folder = tmp_path_factory.mktemp("projection")
+    torch.manual_seed(0)
+    Projection(d_enc=32, d_lm=64).save(folder)  # the tiny world's encoder and LM widths
+    world = [o for o in tiny_world if not o.startswith("training=")]
+    return [*world, f"projection.checkpoint={folder}", "images.n=4", "images.batch_size=1", "max_new_tokens=6",
+            "device=cpu", "logger=none", "receptive_fields.units=3", "receptive_fields.interpretable=false",
+            "receptive_fields.heatmaps=2"]
+
+
+def run_experiment(overrides, run_dir, *extra):
+    from mmn.analysis.receptive_fields import receptive_field_experiment
+    from mmn.config import compose
+
+    return receptive_field_experiment(compose([*overrides, f"paths.output_dir={run_dir}", *extra],
+                                              config_name="receptive_fields"))
+
+
+def test_experiment_scores_top_and_random_units_of_single_object_images(experiment_overrides, tmp_path):
+    import pandas as pd
+
+    from mmn.config import compose
+    from mmn.data.coco import CocoImages
+
+    summary = run_experiment(experiment_overrides, tmp_path)
+    ious, images = pd.read_parquet(tmp_path / "ious.parquet"), pd.read_parquet(tmp_path / "images.parquet")
+    data = compose(experiment_overrides, config_name="receptive_fields").data.eval
+    single = CocoImages(data.root, data.split, image_size=None).single_object_ids()[:4]
+    assert list(images["image_id"]) == single and summary["images"] == len(single) >= 2
+    assert images.loc[images["skipped"], "skip_reason"].notna().all()
+    analysed = images.loc[~images["skipped"], "image_id"]
+    assert len(analysed) >= 1
+    for arm in ("top", "random"):
+        rows = ious[ious["arm"] == arm]
+        assert sorted(rows["image_id"].unique()) == sorted(analysed)
+        assert rows.groupby("image_id").size().eq(3).all() and rows["iou"].between(0, 1).all()
+    for (image_id, arm), rows in ious.groupby(["image_id", "arm"]):  # random units: as many per layer as the top
+        top = ious[(ious["image_id"] == image_id) & (ious["arm"] == "top")]
+        assert sorted(rows["layer"]) == sorted(top["layer"])
+    per_category = pd.read_parquet(tmp_path / "iou_per_category.parquet")
+    assert set(per_category["arm"]) == {"top", "random"} and per_category["count"].sum() == len(ious)
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert "iou_per_category.png" in figures and sum(name.startswith("heatmap_") for name in figures) == 2
+    # a re-run with one batch lost recomputes it to the same rows
+    (tmp_path / "parts" / "images" / "000001.parquet").unlink()
+    run_experiment(experiment_overrides, tmp_path)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ious.parquet"), ious)
+
+
+def test_experiment_names_an_unknown_category(experiment_overrides, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown COCO category name\(s\) \['zebra'\]"):
+        run_experiment(experiment_overrides, tmp_path, "receptive_fields.categories=[zebra]")

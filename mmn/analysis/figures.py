@@ -1,5 +1,6 @@
 """The analysis figures (PNG): ablation curves (paper Figure 6), the layer distribution of top
-units (supplement S.6) and the score distributions of decoded image prompts (Figure 3)."""
+units (supplement S.6), the score distributions of decoded image prompts (Figure 3) and the
+receptive-field IoUs per category (Figure 5)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,25 @@ def score_distributions(per_image: pd.DataFrame, path: Path, title: str = "") ->
         axis.set_ylabel("images")
     axes[0].legend(fontsize=8)
     figure.suptitle(title or "Decoded image prompts (Figure 3)")
+    return save(figure, path)
+
+
+def iou_bars(per_category: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Mean IoU (± s.e.) of receptive fields with the object mask per category, top units beside
+    random units from the same layers (Figure 5). per_category: category, arm, mean, sem."""
+    means = per_category.pivot(index="category", columns="arm", values="mean")
+    errors = per_category.pivot(index="category", columns="arm", values="sem").fillna(0)
+    figure, axis = plt.subplots(figsize=(max(5, 0.7 * len(means) + 2), 3.8))
+    width = 0.4
+    for offset, arm in ((-width / 2, "top"), (width / 2, "random")):
+        if arm in means:
+            label, color = ARM_STYLE[arm]
+            axis.bar([i + offset for i in range(len(means))], means[arm], width, yerr=errors[arm], color=color,
+                     label=label, capsize=2)
+    axis.set_xticks(range(len(means)), means.index, rotation=45, ha="right")
+    axis.set_ylabel("IoU with the object mask")
+    axis.legend(fontsize=8)
+    axis.set_title(title or "Receptive fields vs object masks (Figure 5)")
     return save(figure, path)
 
 

@@ -15,11 +15,13 @@ rows [r H / gh, (r + 1) H / gh) x columns [c W / gw, (c + 1) W / gw) of an H x W
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
@@ -174,7 +176,7 @@ def object_ious(captioner, items: Sequence[dict], units_per_image: Sequence, qua
 def receptive_field_figure(image, activation_map: Tensor, path: str | Path, quantile: float = QUANTILE,
                            title: str = ""):
     """The image with the unit's upsampled activation as a semi-transparent heatmap and the
-    outline of its receptive field, saved as a PNG at `path`; returns the (closed) figure.
+    outline of its receptive field, saved as a PNG at `path`; returns the path.
     image: PIL image or [H, W, 3] array, in the geometry the masks use (squash-resized)."""
     image = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     size = image.shape[:2]
@@ -188,5 +190,154 @@ def receptive_field_figure(image, activation_map: Tensor, path: str | Path, quan
     figure.colorbar(heat, ax=axis, fraction=0.046, pad=0.04, label="activation A")
     axis.set_axis_off()
     axis.set_title(title or f"receptive field (activation > its {quantile:g} quantile)", fontsize=9)
-    save(figure, Path(path))
-    return figure
+    return save(figure, Path(path))
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+ARMS = ("top", "random")
+
+
+def top_units_batch(captioner, items: Sequence[dict], cfg, layers: list[int], decoder, finder) -> list[dict]:
+    """Each image's multimodal neurons: caption it, attribute y^c (cfg.attribution) and take the
+    `receptive_fields.units` best units by their best patch (interpretable ones only when
+    `receptive_fields.interpretable`).  -> per image {image_id, noun, units [n, 2] or None, skip_reason}"""
+    from mmn.analysis.attribution import attribute
+    from mmn.analysis.captions import caption_targets
+    from mmn.analysis.neurons import unit_ranking
+
+    settings = cfg.receptive_fields
+    targets = caption_targets(captioner, captioner.preprocess([item["image"] for item in items]), finder,
+                              cfg.max_new_tokens)
+    found = [{"image_id": item["image_id"], "noun": row["noun"], "units": None, "skip_reason": row["skip_reason"]}
+             for item, row in zip(items, targets.rows)]
+    if targets.kept:
+        options = {"steps": cfg.attribution.steps, "rule": cfg.attribution.rule,
+                   "steps_per_pass": cfg.attribution.steps_per_pass} if cfg.attribution.method == "ig" else {}
+        scores = attribute(captioner.lm, cfg.attribution.method, targets.inputs_embeds, targets.target_positions,
+                           targets.target_ids, layers, slice(0, captioner.n_image_tokens), **options)
+        for i, b in enumerate(targets.kept):
+            ranking = unit_ranking(scores[i].float(), layers)  # [units, 2]
+            units = decoder.interpretable_units(ranking, settings.units) if settings.interpretable \
+                else ranking[: settings.units]
+            found[b]["units"] = units if len(units) else None
+            found[b]["skip_reason"] = None if len(units) else "no interpretable unit"
+    return found
+
+
+def receptive_field_experiment(cfg) -> dict:
+    """`python experiments/receptive_fields.py` (conf/receptive_fields.yaml): section 3.2 and
+    Figure 5. For images holding one annotated object of `receptive_fields.categories`, the IoU of
+    each top unit's receptive field with the object's mask, beside as many random units from the
+    same layers; per-category means, the bars, and heatmaps of the best unit of the first images."""
+    import time
+
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from mmn.analysis.ablation import random_units_like
+    from mmn.analysis.figures import iou_bars
+    from mmn.analysis.filter import InterpretableFilter
+    from mmn.analysis.neurons import UnitDecoder, neuron_name
+    from mmn.analysis.results import ResultStore, write_json, write_parquet
+    from mmn.analysis.run import (
+        check_settings,
+        image_batches,
+        prepare_run,
+        resolve_device,
+        resolve_layers,
+    )
+    from mmn.config import files_fingerprint
+    from mmn.models.captioner import Captioner
+    from mmn.models.targets import get_finder
+    from mmn.training.loggers import finish, make_loggers
+
+    settings = cfg.receptive_fields
+    check_settings(cfg)
+    if not 0.0 <= settings.quantile < 1.0:
+        raise ValueError(f"receptive_fields.quantile={settings.quantile} must be in [0, 1)")
+    if settings.units < 1:
+        raise ValueError(f"receptive_fields.units={settings.units} must be at least 1")
+    started = time.perf_counter()
+    run_dir, images, _ = prepare_run(cfg)
+    categories = list(settings.categories) if settings.categories is not None else None
+    ids = images.single_object_ids(categories)  # raises on a category the dataset does not have
+    ids = ids[: cfg.images.n] if cfg.images.n is not None else ids
+    if not ids:
+        raise ValueError(f"no image of {cfg.data.eval.root} {cfg.data.eval.split} holds a single annotated object"
+                         f"{' of ' + ', '.join(categories) if categories else ''}")
+    captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
+    layers = resolve_layers(cfg.layers, captioner.lm.n_layers)
+    decoder = UnitDecoder(captioner.lm, InterpretableFilter(cfg.filter.top_k, cfg.filter.min_words,
+                                                            cfg.filter.min_letters, cfg.filter.dictionary),
+                          cfg.filter.final_norm)
+    finder = get_finder(cfg.first_noun)
+    depends_on = {key: OmegaConf.to_container(cfg[key], resolve=True)
+                  for key in ("encoder", "lm", "projection", "data", "images", "attribution", "layers", "filter",
+                              "receptive_fields")}
+    depends_on |= {"seed": cfg.seed, "first_noun": cfg.first_noun, "max_new_tokens": cfg.max_new_tokens,
+                   "projection_files": files_fingerprint(cfg.projection.checkpoint)}
+    store = ResultStore(run_dir, json.loads(json.dumps(depends_on, default=str)), tables=("ious", "images"))
+    done = store.done()
+    for index, batch in enumerate(tqdm(image_batches(len(ids), cfg.images.batch_size), desc="receptive fields",
+                                       unit="batch")):
+        if index in done:
+            continue
+        items = [images[images.index_of(ids[i])] for i in batch]
+        found = top_units_batch(captioner, items, cfg, layers, decoder, finder)
+        kept = [(item, f) for item, f in zip(items, found) if f["units"] is not None]
+        rows, skipped = [], []
+        for arm in ARMS:
+            units = [f["units"] if arm == "top" else
+                     random_units_like(f["units"], captioner.lm.d_mlp,
+                                       torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(item["image_id"])))
+                     for item, f in kept]
+            arm_rows, skipped = object_ious(captioner, [item for item, _ in kept], units, settings.quantile)
+            rows += [{"arm": arm, **row, "neuron": neuron_name(row["layer"], row["unit"])} for row in arm_rows]
+        reasons = {s["image_id"]: s["reason"] for s in skipped} | {f["image_id"]: f["skip_reason"] for f in found
+                                                                     if f["units"] is None}
+        image_rows = [{"image_id": f["image_id"], "noun": f["noun"], "skipped": f["image_id"] in reasons,
+                       "skip_reason": reasons.get(f["image_id"])} for f in found]
+        store.write_batch(index, {"ious": pd.DataFrame(rows), "images": pd.DataFrame(image_rows)})
+
+    tables = store.merge()
+    ious = tables["ious"]
+    per_category = (ious.groupby(["category", "arm"])["iou"].agg(["mean", "sem", "count"]).reset_index()
+                    if len(ious) else pd.DataFrame(columns=["category", "arm", "mean", "sem", "count"]))
+    write_parquet(per_category, run_dir / "iou_per_category.parquet")
+    means = per_category.pivot(index="category", columns="arm", values="mean") if len(per_category) else None
+    summary = {"images": len(tables["images"]), "images_skipped": int(tables["images"]["skipped"].sum()),
+               "seconds": round(time.perf_counter() - started, 1)}
+    if means is not None:
+        summary |= {"iou/top": float(ious.loc[ious["arm"] == "top", "iou"].mean()),
+                    "iou/random": float(ious.loc[ious["arm"] == "random", "iou"].mean()),
+                    "categories": len(means),
+                    "categories_top_above_random": int((means["top"] > means["random"]).sum())}
+    write_json(summary, run_dir / "summary.json")
+    figures = run_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    paths = [iou_bars(per_category, figures / "iou_per_category.png")] if len(per_category) else []
+    for image_id, rows in list(ious[ious["arm"] == "top"].groupby("image_id", sort=False))[: settings.heatmaps]:
+        best = rows.loc[rows["iou"].idxmax()]
+        item = images[images.index_of(int(image_id))]
+        maps = unit_activation_maps(captioner, captioner.preprocess([item["image"]]), [(best["layer"], best["unit"])])
+        paths.append(receptive_field_figure(item["image"], maps[0, 0], figures / f"heatmap_{image_id}.png",
+                                            settings.quantile, f"image {image_id}: {best['neuron']} on the "
+                                            f"{best['category']}, IoU {best['iou']:.2f}"))
+    loggers = make_loggers(cfg, run_dir)
+    _log(loggers, summary, per_category, paths)
+    finish(loggers)
+    return summary
+
+
+def _log(loggers, summary: dict, per_category, figures: list[Path]) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        logger.log_metrics(summary)
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            logger.experiment.log({"iou_per_category": wandb.Table(dataframe=per_category),
+                                   **{f"figures/{path.stem}": wandb.Image(str(path)) for path in figures}})
+            logger.experiment.summary.update(summary)
