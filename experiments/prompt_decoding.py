@@ -4,7 +4,7 @@ beside random vectors, the captions' nouns and the generated captions.
 
     python experiments/prompt_decoding.py                  # the Shapes world, offline
     python experiments/prompt_decoding.py images.n=1000 lm=gptj_6b encoder=beit_large data=coco \\
-        projection.checkpoint=path/to/proj.ckpt clip.model=ViT-B-32 clip.pretrained=openai
+        projection.checkpoint=path/to/proj.ckpt scoring=openai
 
 The logic lives in mmn.analysis.prompts."""
 

@@ -174,12 +174,12 @@ def prompt_decoding(cfg) -> dict:
         raise ValueError(f"decoding.random_norm={cfg.decoding.random_norm!r} is unknown; use matched or standard")
     started = time.perf_counter()
     run_dir, images, n_images = prepare_run(cfg)
-    clip = ClipScorer(cfg.clip.model, cfg.clip.pretrained)
+    clip = ClipScorer(cfg.scoring.clip_model, cfg.scoring.clip_pretrained)
     bertscore = BertScorer(cfg.bertscore.model, cfg.bertscore.num_layers)
     captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
     finder = get_finder(cfg.first_noun)
     depends_on = {key: OmegaConf.to_container(cfg[key], resolve=True)
-                  for key in ("encoder", "lm", "projection", "data", "images", "decoding", "clip", "bertscore")}
+                  for key in ("encoder", "lm", "projection", "data", "images", "decoding", "scoring", "bertscore")}
     depends_on |= {"seed": cfg.seed, "first_noun": cfg.first_noun, "max_new_tokens": cfg.max_new_tokens,
                    "projection_files": files_fingerprint(cfg.projection.checkpoint)}
     store = ResultStore(run_dir, json.loads(json.dumps(depends_on, default=str)), tables=("scores",))
