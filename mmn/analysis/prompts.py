@@ -119,23 +119,6 @@ def texts_to_score(captioner, items: Sequence[dict], finder, generator: torch.Ge
     return rows
 
 
-def score_texts(rows: list[dict], items: Sequence[dict], clip, bertscore) -> pd.DataFrame:
-    """CLIPScore of each row's text against its image and BERTScore F1 against the image's human
-    captions (the mean over them); each distinct (image, text) is scored once."""
-    by_id = {item["image_id"]: item for item in items}
-    distinct = sorted({(row["image_id"], row["text"]) for row in rows})
-    clip_scores = clip.score([by_id[image_id]["image"] for image_id, _ in distinct], [text for _, text in distinct])
-    pairs = [(text, reference) for image_id, text in distinct for reference in by_id[image_id]["captions"]]
-    f1 = iter(bertscore([text for text, _ in pairs], [reference for _, reference in pairs]))
-    scores = {}
-    for (image_id, text), clip_score in zip(distinct, clip_scores.tolist()):
-        references = by_id[image_id]["captions"]
-        scores[image_id, text] = (clip_score, float(np.mean([next(f1) for _ in references])) if references else np.nan)
-    frame = pd.DataFrame(rows)
-    frame[["clipscore", "bertscore"]] = [scores[key] for key in zip(frame["image_id"], frame["text"])]
-    return frame
-
-
 def table2(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Per-image means of each kind (and the best CLIPScore of each image, which Figure 3 also
     shows), then the mean and standard error over images (Table 2), and two-sample KS tests on the
@@ -165,10 +148,11 @@ def prompt_decoding(cfg) -> dict:
     from mmn.analysis.figures import score_distributions
     from mmn.analysis.results import ResultStore, write_json, write_parquet
     from mmn.analysis.run import image_batches, prepare_run, resolve_device
+    from mmn.analysis.scoring import score_texts
     from mmn.config import files_fingerprint
     from mmn.models.captioner import Captioner
     from mmn.models.targets import get_finder
-    from mmn.training.loggers import finish, make_loggers
+    from mmn.training.loggers import finish, log_results, make_loggers
 
     if cfg.decoding.random_norm not in ("matched", "standard"):
         raise ValueError(f"decoding.random_norm={cfg.decoding.random_norm!r} is unknown; use matched or standard")
@@ -208,19 +192,7 @@ def prompt_decoding(cfg) -> dict:
     figure = score_distributions(per_image, run_dir / "figures" / "prompt_decoding.png",
                                  f"image prompts vs random vectors, nouns and captions, {summary['images']} images")
     loggers = make_loggers(cfg, run_dir)
-    _log(loggers, summary, table, figure)
+    log_results(loggers, summary, {"table2": table}, [figure])
     finish(loggers)
     return summary
 
-
-def _log(loggers, summary: dict, table: pd.DataFrame, figure) -> None:
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in loggers:
-        logger.log_metrics(summary)
-        if isinstance(logger, WandbLogger):
-            import wandb
-
-            logger.experiment.log({"table2": wandb.Table(dataframe=table),
-                                   "figures/prompt_decoding": wandb.Image(str(figure))})
-            logger.experiment.summary.update(summary)

@@ -250,7 +250,7 @@ def receptive_field_experiment(cfg) -> dict:
     from mmn.config import files_fingerprint
     from mmn.models.captioner import Captioner
     from mmn.models.targets import get_finder
-    from mmn.training.loggers import finish, make_loggers
+    from mmn.training.loggers import finish, log_results, make_loggers
 
     settings = cfg.receptive_fields
     check_settings(cfg)
@@ -325,19 +325,7 @@ def receptive_field_experiment(cfg) -> dict:
                                             settings.quantile, f"image {image_id}: {best['neuron']} on the "
                                             f"{best['category']}, IoU {best['iou']:.2f}"))
     loggers = make_loggers(cfg, run_dir)
-    _log(loggers, summary, per_category, paths)
+    log_results(loggers, summary, {"iou_per_category": per_category}, paths)
     finish(loggers)
     return summary
 
-
-def _log(loggers, summary: dict, per_category, figures: list[Path]) -> None:
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in loggers:
-        logger.log_metrics(summary)
-        if isinstance(logger, WandbLogger):
-            import wandb
-
-            logger.experiment.log({"iou_per_category": wandb.Table(dataframe=per_category),
-                                   **{f"figures/{path.stem}": wandb.Image(str(path)) for path in figures}})
-            logger.experiment.summary.update(summary)

@@ -47,7 +47,7 @@ from mmn.config import digest, files_fingerprint, offline_run_environment
 from mmn.data.coco import CocoImages
 from mmn.models.captioner import Captioner
 from mmn.models.targets import get_finder
-from mmn.training.loggers import finish, make_loggers
+from mmn.training.loggers import finish, log_results, make_loggers
 from mmn.training.run import ensure_world, uses_world
 
 log = logging.getLogger(__name__)
@@ -200,27 +200,6 @@ def summarize(tables: dict[str, pd.DataFrame], curves: pd.DataFrame, seconds: fl
     return summary
 
 
-def log_to_trackers(loggers, summary: dict, tables: dict[str, pd.DataFrame], curves: pd.DataFrame,
-                    figures: list[Path]) -> None:
-    """Scalars to every logger; tables and figures to W&B."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for logger in loggers:
-        logger.log_metrics(scalars)
-        if isinstance(logger, WandbLogger):
-            import wandb
-
-            run = logger.experiment
-            neurons = tables["neurons"].assign(tokens=lambda f: f["tokens"].map(" | ".join)) \
-                if len(tables["neurons"]) else tables["neurons"]
-            run.log({"captions": wandb.Table(dataframe=tables["captions"]),
-                     "neurons": wandb.Table(dataframe=neurons),
-                     "ablation_curves": wandb.Table(dataframe=curves),
-                     **{f"figures/{path.stem}": wandb.Image(str(path)) for path in figures}})
-            run.summary.update(scalars)
-
-
 # ----------------------------------------------------------------------------- analyze
 
 def prepare_run(cfg: DictConfig) -> tuple[Path, CocoImages, int]:
@@ -304,8 +283,11 @@ def analyze(cfg: DictConfig) -> dict:
                                           figures_dir / "layer_distribution.png"))
     write_parquet(pd.DataFrame([{"metric": k, "value": str(v)} for k, v in summary.items()]), run_dir / "summary.parquet")
     write_json(summary, run_dir / "summary.json")
+    neurons = tables["neurons"].assign(tokens=lambda f: f["tokens"].map(" | ".join)) \
+        if len(tables["neurons"]) else tables["neurons"]
     loggers = make_loggers(cfg, run_dir)
-    log_to_trackers(loggers, summary, tables, curves, figures)
+    log_results(loggers, summary, {"captions": tables["captions"], "neurons": neurons, "ablation_curves": curves},
+                figures)
     finish(loggers)
     log.info("analysed %d of %d images in %.0f s -> %s", summary["images_analysed"], summary["images"],
              summary["seconds"], run_dir)

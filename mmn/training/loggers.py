@@ -66,6 +66,23 @@ def log_captions_table(loggers: Sequence, rows: Sequence[dict], step: int) -> No
             logger.log_table("val/captions", columns=columns, data=data, step=step)
 
 
+def log_results(loggers: Sequence, summary: dict, tables: dict | None = None, figures: Sequence[Path] = ()) -> None:
+    """An analysis run's results: the summary's numbers to every logger (and W&B's run summary);
+    tables (name -> DataFrame) and figures (PNG paths, logged as figures/<file stem>) to W&B."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for logger in loggers:
+        logger.log_metrics(scalars)
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            run = logger.experiment
+            run.log({**{name: wandb.Table(dataframe=frame) for name, frame in (tables or {}).items()},
+                     **{f"figures/{Path(path).stem}": wandb.Image(str(path)) for path in figures}})
+            run.summary.update(scalars)
+
+
 def finish(loggers: Sequence) -> None:
     """Close W&B runs, so the next job of a multirun (same process) starts a run of its own. W&B's
     service process may go on writing the offline run file for a moment after this returns."""
