@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 ARM_STYLE = {"top": ("multimodal neurons (top units)", "tab:red"),
@@ -95,6 +96,22 @@ def iou_bars(per_category: pd.DataFrame, path: Path, title: str = "") -> Path:
     axis.set_ylabel("IoU with the object mask")
     axis.legend(fontsize=8)
     axis.set_title(title or "Receptive fields vs object masks (Figure 5)")
+    return save(figure, path)
+
+
+def selectivity_figure(matrix: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Row c: category c's units; column d: their mean activation on category d's images (S.4)."""
+    figure, axis = plt.subplots(figsize=(0.6 * len(matrix.columns) + 3, 0.5 * len(matrix) + 2))
+    image = axis.imshow(matrix.to_numpy(dtype=float), cmap="viridis")
+    axis.set_xticks(range(len(matrix.columns)), matrix.columns, rotation=45, ha="right")
+    axis.set_yticks(range(len(matrix)), matrix.index)
+    axis.set_xlabel("images of category")
+    axis.set_ylabel("units of category")
+    for (row, column), value in np.ndenumerate(matrix.to_numpy(dtype=float)):
+        if np.isfinite(value):
+            axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white")
+    figure.colorbar(image, ax=axis, label="mean activation A")
+    axis.set_title(title or "Selectivity of each category's multimodal neurons (S.4)")
     return save(figure, path)
 
 

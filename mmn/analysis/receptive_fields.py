@@ -198,15 +198,15 @@ def receptive_field_figure(image, activation_map: Tensor, path: str | Path, quan
 ARMS = ("top", "random")
 
 
-def top_units_batch(captioner, items: Sequence[dict], cfg, layers: list[int], decoder, finder) -> list[dict]:
+def top_units_batch(captioner, items: Sequence[dict], cfg, layers: list[int], decoder, finder, n_units: int,
+                    interpretable: bool = True) -> list[dict]:
     """Each image's multimodal neurons: caption it, attribute y^c (cfg.attribution) and take the
-    `receptive_fields.units` best units by their best patch (interpretable ones only when
-    `receptive_fields.interpretable`).  -> per image {image_id, noun, units [n, 2] or None, skip_reason}"""
+    `n_units` best units by their best patch (interpretable ones only, by default).
+    -> per image {image_id, noun, units [n, 2] or None, skip_reason}"""
     from mmn.analysis.attribution import attribute
     from mmn.analysis.captions import caption_targets
     from mmn.analysis.neurons import unit_ranking
 
-    settings = cfg.receptive_fields
     targets = caption_targets(captioner, captioner.preprocess([item["image"] for item in items]), finder,
                               cfg.max_new_tokens)
     found = [{"image_id": item["image_id"], "noun": row["noun"], "units": None, "skip_reason": row["skip_reason"]}
@@ -218,8 +218,7 @@ def top_units_batch(captioner, items: Sequence[dict], cfg, layers: list[int], de
                            targets.target_ids, layers, slice(0, captioner.n_image_tokens), **options)
         for i, b in enumerate(targets.kept):
             ranking = unit_ranking(scores[i].float(), layers)  # [units, 2]
-            units = decoder.interpretable_units(ranking, settings.units) if settings.interpretable \
-                else ranking[: settings.units]
+            units = decoder.interpretable_units(ranking, n_units) if interpretable else ranking[:n_units]
             found[b]["units"] = units if len(units) else None
             found[b]["skip_reason"] = None if len(units) else "no interpretable unit"
     return found
@@ -284,7 +283,7 @@ def receptive_field_experiment(cfg) -> dict:
         if index in done:
             continue
         items = [images[images.index_of(ids[i])] for i in batch]
-        found = top_units_batch(captioner, items, cfg, layers, decoder, finder)
+        found = top_units_batch(captioner, items, cfg, layers, decoder, finder, settings.units, settings.interpretable)
         kept = [(item, f) for item, f in zip(items, found) if f["units"] is not None]
         rows, skipped = [], []
         for arm in ARMS:

@@ -1,0 +1,57 @@
+"""Selectivity (supplement S.4): the category-by-category matrix from unit activations, and the
+experiment end to end on the tiny Shapes world."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mmn.analysis.selectivity import selectivity_experiment, selectivity_matrix
+from mmn.config import compose
+from mmn.models.projection import Projection
+
+
+def test_matrix_row_is_a_categorys_units_column_their_mean_on_a_category():
+    activations = pd.DataFrame(
+        [{"image_id": i, "category": category, "layer": 0, "unit": unit, "activation": value}
+         for i, category, values in [(1, "circle", {7: 2.0, 9: 0.0}), (2, "circle", {7: 4.0, 9: 1.0}),
+                                     (3, "star", {7: 1.0, 9: 5.0})]
+         for unit, value in values.items()])
+    matrix = selectivity_matrix(activations, {"circle": [(0, 7)], "star": [(0, 9), (0, 7)]})
+    assert matrix.loc["circle", "circle"] == 3.0 and matrix.loc["circle", "star"] == 1.0
+    assert matrix.loc["star", "circle"] == pytest.approx((0.5 + 3.0) / 2)  # units 9 and 7 on circles
+    assert matrix.loc["star", "star"] == pytest.approx((5.0 + 1.0) / 2)
+    assert np.array_equal(matrix.index, ["circle", "star"])
+
+
+@pytest.fixture(scope="module")
+def overrides(tiny_world, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("projection")
+    torch.manual_seed(0)
+    Projection(d_enc=32, d_lm=64).save(folder)
+    world = [o for o in tiny_world if not o.startswith("training=")]
+    return [*world, f"projection.checkpoint={folder}", "images.batch_size=2", "max_new_tokens=6", "device=cpu",
+            "logger=none", "selectivity.top_units=5", "selectivity.units=3", "filter.min_words=0"]
+
+
+def test_experiment_writes_the_matrix(overrides, tmp_path):
+    # a tiny world with more evaluation images, so that every shape has single-object images to split
+    summary = selectivity_experiment(compose([*overrides, "world.n_eval=64", f"paths.output_dir={tmp_path}"],
+                                             config_name="selectivity"))
+    matrix = pd.read_parquet(tmp_path / "selectivity.parquet").set_index("units_of")
+    units = pd.read_parquet(tmp_path / "units.parquet")
+    assert summary["categories"] == len(matrix.columns) >= 2 and len(matrix) >= 1
+    assert units.groupby("category").size().le(3).all() and matrix.notna().all().all()
+    activations = pd.read_parquet(tmp_path / "activations.parquet")
+    first = units.iloc[0]  # the matrix entry is the mean of the category's units' per-category means
+    mine = units[units["category"] == first["category"]]
+    on = activations[activations["category"] == matrix.columns[0]].groupby(["layer", "unit"])["activation"].mean()
+    expected = np.mean([on[(r.layer, r.unit)] for r in mine.itertuples()])
+    assert matrix.loc[first["category"], matrix.columns[0]] == pytest.approx(expected)
+    assert (tmp_path / "figures" / "selectivity.png").is_file()
+
+
+def test_too_few_images_per_category_is_named(overrides, tmp_path):
+    with pytest.raises(ValueError, match="at least 2 single-object images per category"):
+        selectivity_experiment(compose([*overrides, f"paths.output_dir={tmp_path}", "images.n=1"],
+                                       config_name="selectivity"))
