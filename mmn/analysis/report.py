@@ -1,0 +1,177 @@
+"""Side-by-side comparison of finished runs: `python experiments/report.py sweep=multirun/<date>/<time>`
+or `runs=[dir_a,dir_b]`.
+
+Reads what each run wrote (summary.json, its Hydra overrides, and the tables it has) and writes
+into the report folder:
+  report.md                 every run's overrides and headline numbers in one table; for runs
+                            of analyze.py, the overlap of their top neurons (e.g. grad vs ig)
+  figures/ablation_curves.png, figures/layer_distribution.png, figures/iou_per_category.png
+                            the runs' curves / bars overlaid, for the runs that have them
+It reads files only (offline); with logger=wandb it logs the table and figures as one more run.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from mmn.analysis.figures import plt, save
+
+HEADLINE_KS = (100, 800)  # the ablation sizes the table shows (every k is in the figure)
+
+
+def find_runs(sweep: str | Path | None = None, runs=None) -> list[Path]:
+    """The run folders of a sweep (its job folders holding summary.json, in job order) or a list."""
+    if (sweep is None) == (not runs):
+        raise ValueError("report: give either sweep=<multirun folder> or runs=[<run folder>, ...]")
+    if sweep is not None:
+        sweep = Path(sweep)
+        found = sorted((p.parent for p in sweep.glob("*/summary.json")),
+                       key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else p.name))
+        if not found:
+            raise FileNotFoundError(f"sweep={sweep}: no job folder with a summary.json; is the sweep finished?")
+        return found
+    folders = [Path(run) for run in runs]
+    for folder in folders:
+        if not (folder / "summary.json").is_file():
+            raise FileNotFoundError(f"runs: {folder} holds no summary.json (not a finished run)")
+    return folders
+
+
+def run_name(folder: Path) -> str:
+    """The run's Hydra overrides ("attribution=ig,layers.start=1"), or its folder name without any."""
+    path = folder / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(path.read_text()) or [] if path.is_file() else []
+    overrides = [o for o in overrides if not o.startswith(("hydra.", "paths.", "logger"))]
+    return ",".join(overrides) or folder.name
+
+
+def headline(summary: dict) -> dict:
+    """The numbers of a summary worth a column: scalars, with the ablation curve cut to HEADLINE_KS."""
+    keep = {}
+    for key, value in summary.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or key == "seconds":
+            continue
+        if key.startswith("ablation/") and not any(key.endswith(f"/k={k}/delta_p") for k in HEADLINE_KS):
+            continue
+        keep[key] = value
+    return keep
+
+
+def top_neuron_overlap(a: pd.DataFrame, b: pd.DataFrame) -> dict:
+    """How much two runs' top neurons agree: the mean over shared images of the Jaccard index of
+    their top (layer, unit) sets, and the Jaccard index of all unique units."""
+    units = lambda frame: frame.groupby("image_id").apply(lambda rows: set(zip(rows["layer"], rows["unit"])))
+    per_a, per_b = units(a), units(b)
+    shared = per_a.index.intersection(per_b.index)
+    jaccard = [len(per_a[i] & per_b[i]) / len(per_a[i] | per_b[i]) for i in shared if per_a[i] | per_b[i]]
+    all_a, all_b = set().union(*per_a.values), set().union(*per_b.values)
+    return {"images": len(shared), "per_image_jaccard": sum(jaccard) / len(jaccard) if jaccard else float("nan"),
+            "all_units_jaccard": len(all_a & all_b) / len(all_a | all_b) if all_a | all_b else float("nan")}
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    cells = frame.map(lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)])
+
+
+def overlaid_ablation_curves(curves: dict[str, pd.DataFrame], path: Path) -> Path:
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for (name, frame), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+        for arm, style in (("top", "-"), ("random", ":")):
+            rows = frame[frame["arm"] == arm].sort_values("k")
+            axis.plot(rows["k"], 100 * rows["delta_p_mean"], style, marker="o", color=color, label=f"{name}: {arm}")
+    axis.set_xscale("symlog", linthresh=50)
+    axis.set_xlabel("units ablated (k)")
+    axis.set_ylabel("change in p(c), %")
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.legend(fontsize=7)
+    axis.set_title("Ablation curves, runs overlaid (top units solid, random dotted)")
+    return save(figure, path)
+
+
+def overlaid_layer_distributions(neurons: dict[str, pd.DataFrame], path: Path) -> Path:
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    for name, frame in neurons.items():
+        counts = frame.drop_duplicates(["layer", "unit"]).groupby("layer").size()
+        axis.plot(counts.index, counts.values, marker="o", label=name)
+    axis.set_xlabel("layer")
+    axis.set_ylabel("unique units among top triples")
+    axis.legend(fontsize=7)
+    axis.set_title("Layer distribution of top units, runs overlaid")
+    return save(figure, path)
+
+
+def overlaid_iou_bars(per_category: dict[str, pd.DataFrame], path: Path) -> Path:
+    table = pd.concat([frame.assign(run=name) for name, frame in per_category.items()])
+    top = table[table["arm"] == "top"].pivot(index="category", columns="run", values="mean")
+    random = table[table["arm"] == "random"].pivot(index="category", columns="run", values="mean")
+    figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(top) + 2), 3.8))
+    width = 0.8 / (len(top.columns) + 1)
+    for j, run in enumerate(top.columns):
+        axis.bar([i + j * width for i in range(len(top))], top[run], width, label=f"{run}: top")
+    axis.bar([i + len(top.columns) * width for i in range(len(top))], random.mean(axis=1), width, color="tab:gray",
+             label="random units (mean over runs)")
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(top))], top.index, rotation=45, ha="right")
+    axis.set_ylabel("IoU with the object mask")
+    axis.legend(fontsize=7)
+    axis.set_title("Receptive fields, runs side by side")
+    return save(figure, path)
+
+
+def write_report(folders: list[Path], out: Path) -> tuple[str, pd.DataFrame, list[Path]]:
+    """The comparison of `folders` written to out/report.md and out/figures/.
+    -> (the markdown, the headline table, the figures)"""
+    names = [run_name(folder) for folder in folders]
+    if len(set(names)) < len(names):  # the same overrides (e.g. separate runs): tell them apart by folder
+        names = [f"{name} ({folder.name})" for name, folder in zip(names, folders)]
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in folders]
+    table = pd.DataFrame([{"run": name, **headline(summary)} for name, summary in zip(names, summaries)])
+    lines = [f"# Comparison of {len(folders)} runs", "",
+             *[f"- `{name}`: `{folder}`" for name, folder in zip(names, folders)], "", "## Headline numbers", "",
+             markdown_table(table.set_index("run").T.reset_index(names="metric")), ""]
+
+    tables = lambda file: {name: pd.read_parquet(folder / file) for name, folder in zip(names, folders)
+                           if (folder / file).is_file()}
+    neurons, curves, ious = tables("neurons.parquet"), tables("ablation_curves.parquet"), tables("iou_per_category.parquet")
+    if len(neurons) >= 2:
+        overlap = pd.DataFrame([{"run a": a, "run b": b, **top_neuron_overlap(neurons[a], neurons[b])}
+                                for a, b in combinations(neurons, 2)])
+        lines += ["## Overlap of top neurons", "",
+                  ("Jaccard index of the top (layer, unit) sets: per image (mean over the images both runs "
+                   "analysed) and of all unique top units."), "", markdown_table(overlap), ""]
+    figures_dir = out / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    figures = []
+    if curves:
+        figures.append(overlaid_ablation_curves(curves, figures_dir / "ablation_curves.png"))
+    if neurons:
+        figures.append(overlaid_layer_distributions(neurons, figures_dir / "layer_distribution.png"))
+    if ious:
+        figures.append(overlaid_iou_bars(ious, figures_dir / "iou_per_category.png"))
+    if figures:
+        lines += ["## Figures", "", *[f"![{path.stem}](figures/{path.name})" for path in figures], ""]
+    markdown = "\n".join(lines)
+    (out / "report.md").write_text(markdown)
+    return markdown, table, figures
+
+
+def report(cfg) -> Path:
+    """`python experiments/report.py` (conf/report.yaml): write the report, log it, return its path."""
+    from mmn.config import offline_run_environment
+    from mmn.training.loggers import finish, log_results, make_loggers
+
+    folders = find_runs(cfg.sweep, cfg.runs)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    offline_run_environment(out)
+    _, table, figures = write_report(folders, out)
+    loggers = make_loggers(cfg, out)
+    log_results(loggers, {"runs": len(folders)}, {"runs": table}, figures)
+    finish(loggers)
+    return out / "report.md"
