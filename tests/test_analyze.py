@@ -89,6 +89,33 @@ def test_a_rerun_skips_finished_batches_and_recovers_a_lost_one(overrides, finis
                                       pd.read_parquet(run_dir / f"{table}.parquet"))
 
 
+def test_two_shards_in_two_processes_give_the_tables_of_one(overrides, finished, tmp_path):
+    """shard=0/2 and shard=1/2 run at once into one folder; each writes its own batch, the one
+    that finishes last merges, and the tables equal one process's."""
+    run_dir, summary = finished
+    shared = tmp_path / "sharded"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    jobs = [subprocess.Popen([sys.executable, str(REPO / "analyze.py"), *overrides, "logger=none", f"shard={shard}",
+                              f"hydra.run.dir={tmp_path / f'job{shard[0]}'}", f"paths.output_dir={shared}"],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for shard in ("0/2", "1/2")]
+    for job in jobs:
+        output, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, output[-3000:]
+    assert sorted(p.name for p in (shared / "parts" / "captions").iterdir()) == ["000000.parquet", "000001.parquet"]
+    for table in ("captions", "neurons", "ablation"):
+        pd.testing.assert_frame_equal(pd.read_parquet(shared / f"{table}.parquet"),
+                                      pd.read_parquet(run_dir / f"{table}.parquet"))
+    assert json.loads((shared / "summary.json").read_text())["images"] == summary["images"]
+
+
+def test_a_bad_shard_is_named(overrides, tmp_path):
+    with pytest.raises(ValueError, match="shard=2/2: i must be in 0..n-1"):
+        run_analysis(overrides, tmp_path, "shard=2/2")
+    with pytest.raises(ValueError, match="expected i/n"):
+        run_analysis(overrides, tmp_path, "shard=half")
+
+
 def test_a_different_analysis_never_writes_into_finished_results(overrides, finished):
     run_dir, _ = finished
     before = (run_dir / "neurons.parquet").read_bytes()

@@ -147,7 +147,12 @@ def prompt_decoding(cfg) -> dict:
     from mmn.analysis.clipscore import ClipScorer
     from mmn.analysis.figures import score_distributions
     from mmn.analysis.results import ResultStore, write_json, write_parquet
-    from mmn.analysis.run import image_batches, prepare_run, resolve_device
+    from mmn.analysis.run import (
+        image_batches,
+        prepare_run,
+        resolve_device,
+        shard_finished,
+    )
     from mmn.analysis.scoring import score_texts
     from mmn.config import files_fingerprint
     from mmn.models.captioner import Captioner
@@ -167,17 +172,16 @@ def prompt_decoding(cfg) -> dict:
     depends_on |= {"seed": cfg.seed, "first_noun": cfg.first_noun, "max_new_tokens": cfg.max_new_tokens,
                    "projection_files": files_fingerprint(cfg.projection.checkpoint)}
     store = ResultStore(run_dir, json.loads(json.dumps(depends_on, default=str)), tables=("scores",))
-    done = store.done()
-    for index, batch in enumerate(tqdm(image_batches(n_images, cfg.images.batch_size), desc="prompt decoding",
-                                       unit="batch")):
-        if index in done:
-            continue
-        items = [images[i] for i in batch]
+    batches = image_batches(n_images, cfg.images.batch_size)
+    for index in tqdm(store.todo(len(batches), cfg.shard), desc="prompt decoding", unit="batch"):
+        items = [images[i] for i in batches[index]]
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)  # per batch: a resumed run draws alike
         rows = texts_to_score(captioner, items, finder, generator, cfg.decoding.top_k,
                               cfg.decoding.random_norm == "matched", cfg.max_new_tokens)
         store.write_batch(index, {"scores": score_texts(rows, items, clip, bertscore)})
 
+    if not store.complete(len(batches)):
+        return shard_finished(cfg, store, len(batches))
     scores = store.merge()["scores"]
     per_image, table, tests = table2(scores)
     write_parquet(per_image, run_dir / "per_image.parquet")

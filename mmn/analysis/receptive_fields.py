@@ -277,12 +277,9 @@ def receptive_field_experiment(cfg) -> dict:
     depends_on |= {"seed": cfg.seed, "first_noun": cfg.first_noun, "max_new_tokens": cfg.max_new_tokens,
                    "projection_files": files_fingerprint(cfg.projection.checkpoint)}
     store = ResultStore(run_dir, json.loads(json.dumps(depends_on, default=str)), tables=("ious", "images"))
-    done = store.done()
-    for index, batch in enumerate(tqdm(image_batches(len(ids), cfg.images.batch_size), desc="receptive fields",
-                                       unit="batch")):
-        if index in done:
-            continue
-        items = [images[images.index_of(ids[i])] for i in batch]
+    batches = image_batches(len(ids), cfg.images.batch_size)
+    for index in tqdm(store.todo(len(batches), cfg.shard), desc="receptive fields", unit="batch"):
+        items = [images[images.index_of(ids[i])] for i in batches[index]]
         found = top_units_batch(captioner, items, cfg, layers, decoder, finder, settings.units, settings.interpretable)
         kept = [(item, f) for item, f in zip(items, found) if f["units"] is not None]
         rows, skipped = [], []
@@ -299,6 +296,8 @@ def receptive_field_experiment(cfg) -> dict:
                        "skip_reason": reasons.get(f["image_id"])} for f in found]
         store.write_batch(index, {"ious": pd.DataFrame(rows), "images": pd.DataFrame(image_rows)})
 
+    if not store.complete(len(batches)):
+        return shard_finished(cfg, store, len(batches))
     tables = store.merge()
     ious = tables["ious"]
     per_category = (ious.groupby(["category", "arm"])["iou"].agg(["mean", "sem", "count"]).reset_index()

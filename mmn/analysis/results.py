@@ -10,6 +10,10 @@
 
 Every file is written to a temporary name in the same folder and renamed into place (atomic on
 POSIX), so a table is either absent or complete, never half-written.
+
+Sharding: with `shard=i/n`, n processes (or SLURM jobs) given the same run folder each write the
+parts of their own batches; whichever finds every batch on disk when it ends merges the tables,
+and any later run into that folder (with or without a shard) does the same.
 """
 
 from __future__ import annotations
@@ -42,6 +46,19 @@ def write_json(value, path: Path) -> None:
     atomic_write(path, lambda temporary: temporary.write_text(json.dumps(value, indent=2, default=str)))
 
 
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """`shard=i/n`: this process runs every n-th batch of images from the i-th. null: all (0/1)."""
+    if shard is None:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in str(shard).split("/"))
+    except ValueError:
+        raise ValueError(f"shard={shard!r}: expected i/n, e.g. shard=0/4 for the first of 4 processes") from None
+    if not 0 <= index < count:
+        raise ValueError(f"shard={shard}: i must be in 0..n-1")
+    return index, count
+
+
 class ResultStore:
     """`tables`: the tables of every batch, in the order they are written; the last one's part
     marks a batch done."""
@@ -64,6 +81,16 @@ class ResultStore:
     def done(self) -> set[int]:
         """Batches whose parts are all written."""
         return {int(path.stem) for path in (self.parts / self.tables[-1]).glob("*.parquet")}
+
+    def todo(self, n_batches: int, shard: str | None = None) -> list[int]:
+        """The batches this process runs: those of its shard (parse_shard) not on disk yet."""
+        index, count = parse_shard(shard)
+        done = self.done()
+        return [batch for batch in range(index, n_batches, count) if batch not in done]
+
+    def complete(self, n_batches: int) -> bool:
+        """Every batch on disk (all shards finished): the tables can be merged and summarised."""
+        return set(range(n_batches)) <= self.done()
 
     def write_batch(self, batch: int, tables: dict[str, pd.DataFrame]) -> None:
         for name in self.tables:

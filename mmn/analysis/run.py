@@ -42,7 +42,13 @@ from mmn.analysis.captions import caption_targets
 from mmn.analysis.figures import ablation_curves, layer_distribution
 from mmn.analysis.filter import InterpretableFilter, check_filter
 from mmn.analysis.neurons import UnitDecoder, neuron_name, top_triples, unit_ranking
-from mmn.analysis.results import ResultStore, atomic_write, write_json, write_parquet
+from mmn.analysis.results import (
+    ResultStore,
+    atomic_write,
+    parse_shard,
+    write_json,
+    write_parquet,
+)
 from mmn.config import digest, files_fingerprint, offline_run_environment
 from mmn.data.coco import CocoImages
 from mmn.models.captioner import Captioner
@@ -208,6 +214,7 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, CocoImages, int]:
     evaluation images.  -> (run_dir, images, how many of them to analyse)"""
     if cfg.paths.output_dir is None:
         raise ValueError("paths.output_dir is not set: run through the entry point (Hydra sets it) or pass it")
+    parse_shard(cfg.get("shard"))  # a bad shard fails before anything loads
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     offline_run_environment(run_dir)
@@ -223,6 +230,15 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, CocoImages, int]:
     if n_images == 0:
         raise ValueError(f"data.eval.root={cfg.data.eval.root} split {cfg.data.eval.split} holds no images")
     return run_dir, images, n_images
+
+
+def shard_finished(cfg: DictConfig, store: ResultStore, n_batches: int) -> dict:
+    """A shard that ends before the others: its batches are on disk; the last one merges."""
+    done = len(store.done() & set(range(n_batches)))
+    log.info("shard %s: its batches are written; %d of %d batches in %s; the run that finds all of them "
+             "written merges the tables (or run again into that folder, with any shard or none)",
+             cfg.shard, done, n_batches, store.dir)
+    return {"shard": cfg.shard, "batches_done": done, "batches": n_batches}
 
 
 def image_batches(n_images: int, batch_size: int) -> list[list[int]]:
@@ -255,15 +271,13 @@ def analyze(cfg: DictConfig) -> dict:
     finder = get_finder(cfg.first_noun)
 
     batches = image_batches(n_images, cfg.images.batch_size)
-    done = store.done()
-    if done:
-        log.info("resuming: %d of %d batches already in %s", len(done & set(range(len(batches)))), len(batches), run_dir)
-    for index, batch in enumerate(tqdm(batches, desc=f"analyse ({cfg.attribution.method})", unit="batch")):
-        if index in done:
-            continue
-        tables = analyze_batch(captioner, [images[i] for i in batch], cfg, layers, ks, decoder, scorer, means,
-                               finder, index)
+    todo = store.todo(len(batches), cfg.shard)
+    for index in tqdm(todo, desc=f"analyse ({cfg.attribution.method})", unit="batch"):
+        tables = analyze_batch(captioner, [images[i] for i in batches[index]], cfg, layers, ks, decoder, scorer,
+                               means, finder, index)
         store.write_batch(index, tables)
+    if not store.complete(len(batches)):
+        return shard_finished(cfg, store, len(batches))
 
     tables = store.merge()
     curves = ablation_curve_table(tables["ablation"]) if len(tables["ablation"]) else pd.DataFrame()

@@ -105,7 +105,7 @@ def neuron_scores(cfg: DictConfig) -> dict:
     from mmn.analysis.bertscore import BertScorer
     from mmn.analysis.clipscore import ClipScorer
     from mmn.analysis.results import ResultStore, write_json, write_parquet
-    from mmn.analysis.run import image_batches, prepare_run
+    from mmn.analysis.run import image_batches, prepare_run, shard_finished
     from mmn.training.loggers import finish, log_results, make_loggers
 
     started = time.perf_counter()
@@ -122,15 +122,14 @@ def neuron_scores(cfg: DictConfig) -> dict:
     depends_on = {"analysis": str(analysis.resolve()), "seed": cfg.seed,
                   **{key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("data", "scoring", "bertscore")}}
     store = ResultStore(run_dir, json.loads(json.dumps(depends_on, default=str)), tables=("scores",))
-    done = store.done()
-    for index, batch in enumerate(tqdm(image_batches(len(image_ids), cfg.images.batch_size), desc="neuron scores",
-                                       unit="batch")):
-        if index in done:
-            continue
-        wanted = {image_ids[i] for i in batch}
+    batches = image_batches(len(image_ids), cfg.images.batch_size)
+    for index in tqdm(store.todo(len(batches), cfg.shard), desc="neuron scores", unit="batch"):
+        wanted = {image_ids[i] for i in batches[index]}
         items = [images[images.index_of(int(image_id))] for image_id in wanted]
         store.write_batch(index, {"scores": score_texts([r for r in rows if r["image_id"] in wanted], items, clip,
                                                         bertscore)})
+    if not store.complete(len(batches)):
+        return shard_finished(cfg, store, len(batches))
     per_image, table = table1(store.merge()["scores"])
     write_parquet(per_image, run_dir / "per_image.parquet")
     write_parquet(table, run_dir / "table1.parquet")
