@@ -88,7 +88,9 @@ class BertScorer:
         elif _is_local(model):
             model = Path(model).expanduser()
             if not model.is_dir():
-                raise FileNotFoundError(f"BertScorer: model directory {model} does not exist")
+                raise FileNotFoundError(f"BertScorer: model directory {model} does not exist; set bertscore.model to "
+                                        "a local folder of a Hugging Face encoder (with bertscore.num_layers), a hub "
+                                        "id in your local cache (e.g. roberta-large), or null for the shipped MiniLM")
         if num_layers is None and str(model) not in model2layers:
             raise ValueError(f"BertScorer: num_layers is required for {model}: bert-score knows the "
                              "layer to use only for its own list of hub models")
