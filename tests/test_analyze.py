@@ -8,27 +8,21 @@ import sys
 
 import pandas as pd
 import pytest
-import torch
+from wandb_offline import run_info
 
 from mmn.analysis import run as analysis_run
 from mmn.analysis.run import analyze
 from mmn.config import CONFIG_DIR, compose
-from mmn.models.projection import Projection
-from wandb_offline import run_info
 
 REPO = CONFIG_DIR.parent
 KS = [0, 2, 8]
 
 
 @pytest.fixture(scope="module")
-def overrides(tiny_world, tmp_path_factory):
+def overrides(analysis_overrides):
     """The tiny world, a fresh projection, 4 images in batches of 2, small ablation sizes."""
-    folder = tmp_path_factory.mktemp("projection")
-    torch.manual_seed(0)
-    Projection(d_enc=32, d_lm=64).save(folder)  # the tiny world's encoder and LM widths
-    world = [o for o in tiny_world if not o.startswith("training=")]  # analyze.py has no training group
-    return [*world, f"projection.checkpoint={folder}", "images.n=4", "images.batch_size=2",
-            f"ablation.ks=[{','.join(map(str, KS))}]", "top_n=5", "max_new_tokens=6", "device=cpu"]
+    return [*analysis_overrides, "images.n=4", "images.batch_size=2", f"ablation.ks=[{','.join(map(str, KS))}]",
+            "top_n=5"]
 
 
 def run_analysis(overrides, run_dir, *extra):

@@ -5,23 +5,16 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 from mmn.analysis.prompts import prompt_decoding, table2
 from mmn.config import compose
-from mmn.models.projection import Projection
 
 N_IMAGE = 16  # the tiny world: 64 px images, 16 px patches
 
 
 @pytest.fixture(scope="module")
-def overrides(tiny_world, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("projection")
-    torch.manual_seed(0)
-    Projection(d_enc=32, d_lm=64).save(folder)  # the tiny world's encoder and LM widths
-    world = [o for o in tiny_world if not o.startswith("training=")]
-    return [*world, f"projection.checkpoint={folder}", "images.n=4", "images.batch_size=2", "max_new_tokens=6",
-            "device=cpu", "logger=none"]
+def overrides(analysis_overrides):
+    return [*analysis_overrides, "images.n=4", "images.batch_size=2", "logger=none"]
 
 
 def run(overrides, run_dir, *extra):

@@ -202,16 +202,9 @@ def test_figure_is_written(tmp_path):
 # ----------------------------------------------------------------------------- the experiment
 
 @pytest.fixture(scope="module")
-def experiment_overrides(tiny_world, tmp_path_factory):
-    from mmn.models.projection import Projection
-
-    folder = tmp_path_factory.mktemp("projection")
-    torch.manual_seed(0)
-    Projection(d_enc=32, d_lm=64).save(folder)  # the tiny world's encoder and LM widths
-    world = [o for o in tiny_world if not o.startswith("training=")]
-    return [*world, f"projection.checkpoint={folder}", "images.n=4", "images.batch_size=1", "max_new_tokens=6",
-            "device=cpu", "logger=none", "receptive_fields.units=3", "receptive_fields.interpretable=false",
-            "receptive_fields.heatmaps=2"]
+def experiment_overrides(analysis_overrides):
+    return [*analysis_overrides, "images.n=4", "images.batch_size=1", "logger=none", "receptive_fields.units=3",
+            "receptive_fields.interpretable=false", "receptive_fields.heatmaps=2"]
 
 
 def run_experiment(overrides, run_dir, *extra):
@@ -256,3 +249,15 @@ def test_experiment_scores_top_and_random_units_of_single_object_images(experime
 def test_experiment_names_an_unknown_category(experiment_overrides, tmp_path):
     with pytest.raises(ValueError, match=r"unknown COCO category name\(s\) \['zebra'\]"):
         run_experiment(experiment_overrides, tmp_path, "receptive_fields.categories=[zebra]")
+
+
+def test_experiment_in_two_shards_equals_one_run(experiment_overrides, tmp_path):
+    import pandas as pd
+
+    run_experiment(experiment_overrides, tmp_path / "one")
+    first = run_experiment(experiment_overrides, tmp_path / "sharded", "shard=0/2")
+    assert first["batches_done"] < first["batches"] and not (tmp_path / "sharded" / "ious.parquet").exists()
+    run_experiment(experiment_overrides, tmp_path / "sharded", "shard=1/2")  # the last shard merges
+    for table in ("ious", "images", "iou_per_category"):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "sharded" / f"{table}.parquet"),
+                                      pd.read_parquet(tmp_path / "one" / f"{table}.parquet"))

@@ -3,12 +3,10 @@ from a sweep folder or a list of runs, on two tiny analyze.py runs."""
 
 import pandas as pd
 import pytest
-import torch
 
 from mmn.analysis.report import find_runs, top_neuron_overlap, write_report
 from mmn.analysis.run import analyze
 from mmn.config import compose
-from mmn.models.projection import Projection
 
 
 def test_overlap_is_the_jaccard_index_per_image_and_overall():
@@ -21,16 +19,12 @@ def test_overlap_is_the_jaccard_index_per_image_and_overall():
 
 
 @pytest.fixture(scope="module")
-def sweep(tiny_world, tmp_path_factory):
+def sweep(analysis_overrides, tmp_path_factory):
     """Two finished analyses (grad and act) as the job folders 0 and 1 of a sweep folder."""
-    folder = tmp_path_factory.mktemp("projection")
-    torch.manual_seed(0)
-    Projection(d_enc=32, d_lm=64).save(folder)
     sweep = tmp_path_factory.mktemp("sweep")
-    common = [o for o in tiny_world if not o.startswith("training=")]
     for job, method in enumerate(["grad", "act"]):
-        analyze(compose([*common, f"projection.checkpoint={folder}", "images.n=3", "ablation.ks=[0,4]", "top_n=5",
-                         "max_new_tokens=6", "device=cpu", "logger=none", f"attribution={method}",
+        analyze(compose([*analysis_overrides, "images.n=3", "ablation.ks=[0,4]", "top_n=5", "logger=none",
+                         f"attribution={method}",
                          f"paths.output_dir={sweep / str(job)}"], config_name="analyze"))
     return sweep
 

@@ -8,7 +8,6 @@ import torch
 from mmn.analysis.run import analyze
 from mmn.analysis.scoring import neuron_scores, neuron_texts, table1
 from mmn.config import compose
-from mmn.models.projection import Projection
 
 
 def test_random_pairing_gives_every_image_another_images_neurons():
@@ -38,13 +37,8 @@ def test_table1_takes_each_images_best_neuron_then_the_mean_over_images():
     assert list(table.index) == ["random", "neuron"]
 
 
-def test_experiment_scores_a_finished_analysis(tiny_world, tmp_path):
-    folder = tmp_path / "projection"
-    torch.manual_seed(0)
-    Projection(d_enc=32, d_lm=64).save(folder)
-    common = [o for o in tiny_world if not o.startswith("training=")]
-    common += [f"projection.checkpoint={folder}", "images.n=6", "images.batch_size=3", "max_new_tokens=6",
-               "device=cpu", "logger=none"]
+def test_experiment_scores_a_finished_analysis(analysis_overrides, tmp_path):
+    common = [*analysis_overrides, "images.n=6", "images.batch_size=3", "logger=none"]
     analyze(compose([*common, f"paths.output_dir={tmp_path / 'analysis'}", "ablation.ks=[0]", "top_n=20",
                      "filter.min_words=0"], config_name="analyze"))  # every unit interpretable: a tiny LM's tokens
     summary = neuron_scores(compose([*common, f"paths.output_dir={tmp_path / 'scores'}",

@@ -4,11 +4,9 @@ experiment end to end on the tiny Shapes world."""
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from mmn.analysis.selectivity import selectivity_experiment, selectivity_matrix
 from mmn.config import compose
-from mmn.models.projection import Projection
 
 
 def test_matrix_row_is_a_categorys_units_column_their_mean_on_a_category():
@@ -25,13 +23,9 @@ def test_matrix_row_is_a_categorys_units_column_their_mean_on_a_category():
 
 
 @pytest.fixture(scope="module")
-def overrides(tiny_world, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("projection")
-    torch.manual_seed(0)
-    Projection(d_enc=32, d_lm=64).save(folder)
-    world = [o for o in tiny_world if not o.startswith("training=")]
-    return [*world, f"projection.checkpoint={folder}", "images.batch_size=2", "max_new_tokens=6", "device=cpu",
-            "logger=none", "selectivity.top_units=5", "selectivity.units=3", "filter.min_words=0"]
+def overrides(analysis_overrides):
+    return [*analysis_overrides, "images.batch_size=2", "logger=none", "selectivity.top_units=5", "selectivity.units=3",
+            "filter.min_words=0"]
 
 
 def test_experiment_writes_the_matrix(overrides, tmp_path):

@@ -198,30 +198,58 @@ def receptive_field_figure(image, activation_map: Tensor, path: str | Path, quan
 ARMS = ("top", "random")
 
 
-def top_units_batch(captioner, items: Sequence[dict], cfg, layers: list[int], decoder, finder, n_units: int,
-                    interpretable: bool = True) -> list[dict]:
-    """Each image's multimodal neurons: caption it, attribute y^c (cfg.attribution) and take the
-    `n_units` best units by their best patch (interpretable ones only, by default).
-    -> per image {image_id, noun, units [n, 2] or None, skip_reason}"""
-    from mmn.analysis.attribution import attribute
-    from mmn.analysis.captions import caption_targets
-    from mmn.analysis.neurons import unit_ranking
+class TopUnits:
+    """Each image's multimodal neurons, as analyze.py finds them: caption it, attribute y^c
+    (cfg.attribution over cfg.layers) and take the best units by their best patch, interpretable
+    ones only by default (cfg.filter). Used by the receptive-field and selectivity experiments."""
 
-    targets = caption_targets(captioner, captioner.preprocess([item["image"] for item in items]), finder,
-                              cfg.max_new_tokens)
-    found = [{"image_id": item["image_id"], "noun": row["noun"], "units": None, "skip_reason": row["skip_reason"]}
-             for item, row in zip(items, targets.rows)]
-    if targets.kept:
-        options = {"steps": cfg.attribution.steps, "rule": cfg.attribution.rule,
-                   "steps_per_pass": cfg.attribution.steps_per_pass} if cfg.attribution.method == "ig" else {}
-        scores = attribute(captioner.lm, cfg.attribution.method, targets.inputs_embeds, targets.target_positions,
-                           targets.target_ids, layers, slice(0, captioner.n_image_tokens), **options)
-        for i, b in enumerate(targets.kept):
-            ranking = unit_ranking(scores[i].float(), layers)  # [units, 2]
-            units = decoder.interpretable_units(ranking, n_units) if interpretable else ranking[:n_units]
-            found[b]["units"] = units if len(units) else None
-            found[b]["skip_reason"] = None if len(units) else "no interpretable unit"
-    return found
+    def __init__(self, captioner, cfg):
+        from mmn.analysis.filter import InterpretableFilter
+        from mmn.analysis.neurons import UnitDecoder
+        from mmn.analysis.run import resolve_layers
+        from mmn.models.targets import get_finder
+
+        self.captioner, self.cfg = captioner, cfg
+        self.layers = resolve_layers(cfg.layers, captioner.lm.n_layers)
+        self.decoder = UnitDecoder(captioner.lm, InterpretableFilter(cfg.filter.top_k, cfg.filter.min_words,
+                                                                     cfg.filter.min_letters, cfg.filter.dictionary),
+                                   cfg.filter.final_norm)
+        self.finder = get_finder(cfg.first_noun)
+
+    def __call__(self, items: Sequence[dict], n_units: int, interpretable: bool = True) -> list[dict]:
+        """-> per image {image_id, noun, units [n, 2] of (layer, unit) or None, skip_reason}"""
+        from mmn.analysis.attribution import attribute
+        from mmn.analysis.captions import caption_targets
+        from mmn.analysis.neurons import unit_ranking
+        from mmn.analysis.run import attribution_options
+
+        captioner, cfg = self.captioner, self.cfg
+        targets = caption_targets(captioner, captioner.preprocess([item["image"] for item in items]), self.finder,
+                                  cfg.max_new_tokens)
+        found = [{"image_id": item["image_id"], "noun": row["noun"], "units": None, "skip_reason": row["skip_reason"]}
+                 for item, row in zip(items, targets.rows)]
+        if targets.kept:
+            scores = attribute(captioner.lm, cfg.attribution.method, targets.inputs_embeds, targets.target_positions,
+                               targets.target_ids, self.layers, slice(0, captioner.n_image_tokens),
+                               **attribution_options(cfg))
+            for i, b in enumerate(targets.kept):
+                ranking = unit_ranking(scores[i].float(), self.layers)  # [units, 2]
+                units = self.decoder.interpretable_units(ranking, n_units) if interpretable else ranking[:n_units]
+                found[b]["units"] = units if len(units) else None
+                found[b]["skip_reason"] = None if len(units) else "no interpretable unit"
+        return found
+
+
+def single_object_ids(images, categories, n: int | None) -> list[int]:
+    """The first n (null: all) images holding one annotated object of `categories` (null: any);
+    an unknown category name or no such image is an error that names it."""
+    categories = list(categories) if categories is not None else None
+    ids = images.single_object_ids(categories)  # raises on a category the dataset does not have
+    ids = ids[:n] if n is not None else ids
+    if not ids:
+        raise ValueError(f"no image of {images.root} {images.split} holds a single annotated object"
+                         f"{' of ' + ', '.join(categories) if categories else ''}")
+    return ids
 
 
 def receptive_field_experiment(cfg) -> dict:
@@ -236,19 +264,11 @@ def receptive_field_experiment(cfg) -> dict:
 
     from mmn.analysis.ablation import random_units_like
     from mmn.analysis.figures import iou_bars
-    from mmn.analysis.filter import InterpretableFilter
-    from mmn.analysis.neurons import UnitDecoder, neuron_name
+    from mmn.analysis.neurons import neuron_name
     from mmn.analysis.results import ResultStore, write_json, write_parquet
-    from mmn.analysis.run import (
-        check_settings,
-        image_batches,
-        prepare_run,
-        resolve_device,
-        resolve_layers,
-    )
+    from mmn.analysis.run import check_settings, image_batches, prepare_run, resolve_device, shard_finished
     from mmn.config import files_fingerprint
     from mmn.models.captioner import Captioner
-    from mmn.models.targets import get_finder
     from mmn.training.loggers import finish, log_results, make_loggers
 
     settings = cfg.receptive_fields
@@ -259,18 +279,9 @@ def receptive_field_experiment(cfg) -> dict:
         raise ValueError(f"receptive_fields.units={settings.units} must be at least 1")
     started = time.perf_counter()
     run_dir, images, _ = prepare_run(cfg)
-    categories = list(settings.categories) if settings.categories is not None else None
-    ids = images.single_object_ids(categories)  # raises on a category the dataset does not have
-    ids = ids[: cfg.images.n] if cfg.images.n is not None else ids
-    if not ids:
-        raise ValueError(f"no image of {cfg.data.eval.root} {cfg.data.eval.split} holds a single annotated object"
-                         f"{' of ' + ', '.join(categories) if categories else ''}")
+    ids = single_object_ids(images, settings.categories, cfg.images.n)
     captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
-    layers = resolve_layers(cfg.layers, captioner.lm.n_layers)
-    decoder = UnitDecoder(captioner.lm, InterpretableFilter(cfg.filter.top_k, cfg.filter.min_words,
-                                                            cfg.filter.min_letters, cfg.filter.dictionary),
-                          cfg.filter.final_norm)
-    finder = get_finder(cfg.first_noun)
+    top_units = TopUnits(captioner, cfg)
     depends_on = {key: OmegaConf.to_container(cfg[key], resolve=True)
                   for key in ("encoder", "lm", "projection", "data", "images", "attribution", "layers", "filter",
                               "receptive_fields")}
@@ -280,7 +291,7 @@ def receptive_field_experiment(cfg) -> dict:
     batches = image_batches(len(ids), cfg.images.batch_size)
     for index in tqdm(store.todo(len(batches), cfg.shard), desc="receptive fields", unit="batch"):
         items = [images[images.index_of(ids[i])] for i in batches[index]]
-        found = top_units_batch(captioner, items, cfg, layers, decoder, finder, settings.units, settings.interpretable)
+        found = top_units(items, settings.units, settings.interpretable)
         kept = [(item, f) for item, f in zip(items, found) if f["units"] is not None]
         rows, skipped = [], []
         for arm in ARMS:

@@ -123,6 +123,14 @@ def resolve_device(device: str) -> str:
 
 # ----------------------------------------------------------------------------- one batch of images
 
+def attribution_options(cfg: DictConfig) -> dict:
+    """The method's own keyword arguments for `attribute` (IG's steps, rule and steps per pass)."""
+    if cfg.attribution.method != "ig":
+        return {}
+    return {"steps": cfg.attribution.steps, "rule": cfg.attribution.rule,
+            "steps_per_pass": cfg.attribution.steps_per_pass}
+
+
 def analyze_batch(captioner: Captioner, images: list[dict], cfg: DictConfig, layers: list[int], ks: list[int],
                   decoder: UnitDecoder, scorer, means, finder, batch_index: int) -> dict[str, pd.DataFrame]:
     lm = captioner.lm
@@ -133,11 +141,10 @@ def analyze_batch(captioner: Captioner, images: list[dict], cfg: DictConfig, lay
 
     neurons, ablation = [], []
     if targets.kept:
-        options = {"steps": cfg.attribution.steps, "rule": cfg.attribution.rule,
-                   "steps_per_pass": cfg.attribution.steps_per_pass} if cfg.attribution.method == "ig" else {}
         n_image = captioner.n_image_tokens
         scores = attribute(lm, cfg.attribution.method, targets.inputs_embeds, targets.target_positions,
-                           targets.target_ids, layers, slice(0, n_image), **options)  # [kept, L, n_image, d_mlp]
+                           targets.target_ids, layers, slice(0, n_image), **attribution_options(cfg))
+        # scores: [kept, L, n_image, d_mlp]
         analysed, settings = [], []  # rows into the targets' tensors, and each one's ablation settings
         for i, b in enumerate(targets.kept):
             row = targets.rows[b]

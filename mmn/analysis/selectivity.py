@@ -4,7 +4,7 @@
 
 For images holding one object of a category, each image's `selectivity.top_units` (100)
 interpretable top units are found as in the receptive-field experiment
-(receptive_fields.top_units_batch). Per category, the `selectivity.units` (20) units that are
+(receptive_fields.TopUnits). Per category, the `selectivity.units` (20) units that are
 most often among its images' top units are its units
 (chosen on half of its images); their mean activation A over every image-prompt position is then
 measured on the other half of every category's images (held out, so the choice does not favour
@@ -20,7 +20,11 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from mmn.analysis.receptive_fields import top_units_batch, unit_activation_maps
+from mmn.analysis.receptive_fields import (
+    TopUnits,
+    single_object_ids,
+    unit_activation_maps,
+)
 
 
 def split_by_category(images, ids: list[int]) -> dict[str, tuple[list[int], list[int]]]:
@@ -53,17 +57,9 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
     from tqdm.auto import tqdm
 
     from mmn.analysis.figures import selectivity_figure
-    from mmn.analysis.filter import InterpretableFilter
-    from mmn.analysis.neurons import UnitDecoder
     from mmn.analysis.results import write_json, write_parquet
-    from mmn.analysis.run import (
-        check_settings,
-        prepare_run,
-        resolve_device,
-        resolve_layers,
-    )
+    from mmn.analysis.run import check_settings, prepare_run, resolve_device
     from mmn.models.captioner import Captioner
-    from mmn.models.targets import get_finder
     from mmn.training.loggers import finish, log_results, make_loggers
 
     settings = cfg.selectivity
@@ -73,20 +69,13 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
             raise ValueError(f"selectivity.{key}={settings[key]} must be at least 1")
     started = time.perf_counter()
     run_dir, images, _ = prepare_run(cfg)
-    categories = list(settings.categories) if settings.categories is not None else None
-    ids = images.single_object_ids(categories)
-    ids = ids[: cfg.images.n] if cfg.images.n is not None else ids
-    split = split_by_category(images, ids)
+    split = split_by_category(images, single_object_ids(images, settings.categories, cfg.images.n))
     too_few = [name for name, (choose, measure) in split.items() if not choose or not measure]
     if too_few:
         raise ValueError(f"selectivity needs at least 2 single-object images per category; too few of "
                          f"{', '.join(too_few)} among the first images.n={cfg.images.n}")
     captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
-    layers = resolve_layers(cfg.layers, captioner.lm.n_layers)
-    decoder = UnitDecoder(captioner.lm, InterpretableFilter(cfg.filter.top_k, cfg.filter.min_words,
-                                                            cfg.filter.min_letters, cfg.filter.dictionary),
-                          cfg.filter.final_norm)
-    finder = get_finder(cfg.first_noun)
+    top_units = TopUnits(captioner, cfg)
     batch_size = cfg.images.batch_size
 
     # 1. each category's units: the most frequent among the top units of its choosing half
@@ -95,7 +84,7 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
         counter = Counter()
         for start in range(0, len(choose), batch_size):
             items = [images[images.index_of(i)] for i in choose[start : start + batch_size]]
-            for found in top_units_batch(captioner, items, cfg, layers, decoder, finder, settings.top_units):
+            for found in top_units(items, settings.top_units):
                 if found["units"] is not None:
                     counter.update(map(tuple, found["units"].tolist()))
         units[name] = [pair for pair, _ in counter.most_common(settings.units)]
@@ -121,7 +110,7 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
     write_parquet(matrix.reset_index(names="units_of"), run_dir / "selectivity.parquet")
     diagonal = [row for row in matrix.index if row in matrix.columns]
     own_highest = sum(matrix.loc[row].idxmax() == row for row in diagonal)
-    summary = {"images": len(ids), "categories": len(split), "units_per_category": settings.units,
+    summary = {"images": sum(len(choose) + len(measure) for choose, measure in split.values()), "categories": len(split), "units_per_category": settings.units,
                "categories_most_active_on_own": int(own_highest), "seconds": round(time.perf_counter() - started, 1)}
     write_json(summary, run_dir / "summary.json")
     (run_dir / "figures").mkdir(exist_ok=True)
