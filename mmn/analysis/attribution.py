@@ -29,10 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from captum.attr._utils.approximation_methods import (
-    SUPPORTED_METHODS,
-    approximation_parameters,
-)
+from captum.attr._utils.approximation_methods import SUPPORTED_METHODS, approximation_parameters
 from torch import Tensor
 
 from mmn.models.lm import LanguageModel

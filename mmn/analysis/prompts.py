@@ -147,12 +147,7 @@ def prompt_decoding(cfg) -> dict:
     from mmn.analysis.clipscore import ClipScorer
     from mmn.analysis.figures import score_distributions
     from mmn.analysis.results import ResultStore, write_json, write_parquet
-    from mmn.analysis.run import (
-        image_batches,
-        prepare_run,
-        resolve_device,
-        shard_finished,
-    )
+    from mmn.analysis.run import image_batches, prepare_run, resolve_device, shard_finished
     from mmn.analysis.scoring import score_texts
     from mmn.config import files_fingerprint
     from mmn.models.captioner import Captioner

@@ -30,25 +30,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
-from mmn.analysis.ablation import (
-    ARMS,
-    MODES,
-    ablation_settings,
-    ablation_sweep,
-    mean_activations,
-)
+from mmn.analysis.ablation import ARMS, MODES, ablation_settings, ablation_sweep, mean_activations
 from mmn.analysis.attribution import IG_RULES, METHODS, attribute
 from mmn.analysis.captions import caption_targets
 from mmn.analysis.figures import ablation_curves, layer_distribution
 from mmn.analysis.filter import InterpretableFilter, check_filter
 from mmn.analysis.neurons import UnitDecoder, neuron_name, top_triples, unit_ranking
-from mmn.analysis.results import (
-    ResultStore,
-    atomic_write,
-    parse_shard,
-    write_json,
-    write_parquet,
-)
+from mmn.analysis.results import ResultStore, atomic_write, parse_shard, write_json, write_parquet
 from mmn.config import digest, files_fingerprint, offline_run_environment
 from mmn.data.coco import CocoImages
 from mmn.models.captioner import Captioner

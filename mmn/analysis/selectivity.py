@@ -20,11 +20,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from mmn.analysis.receptive_fields import (
-    TopUnits,
-    single_object_ids,
-    unit_activation_maps,
-)
+from mmn.analysis.receptive_fields import TopUnits, single_object_ids, unit_activation_maps
 
 
 def split_by_category(images, ids: list[int]) -> dict[str, tuple[list[int], list[int]]]:
