@@ -13,14 +13,12 @@ decode to words about the image, though the model captions it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from scipy.stats import ks_2samp
 from torch import Tensor
 
@@ -147,9 +145,8 @@ def prompt_decoding(cfg) -> dict:
     from mmn.analysis.clipscore import ClipScorer
     from mmn.analysis.figures import score_distributions
     from mmn.analysis.results import ResultStore, write_json, write_parquet
-    from mmn.analysis.run import image_batches, prepare_run, resolve_device, shard_finished
+    from mmn.analysis.run import depends_on, image_batches, prepare_run, resolve_device, shard_finished
     from mmn.analysis.scoring import score_texts
-    from mmn.config import files_fingerprint
     from mmn.models.captioner import Captioner
     from mmn.models.targets import get_finder
     from mmn.training.loggers import finish, log_results, make_loggers
@@ -162,11 +159,7 @@ def prompt_decoding(cfg) -> dict:
     bertscore = BertScorer(cfg.bertscore.model, cfg.bertscore.num_layers)
     captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
     finder = get_finder(cfg.first_noun)
-    depends_on = {key: OmegaConf.to_container(cfg[key], resolve=True)
-                  for key in ("encoder", "lm", "projection", "data", "images", "decoding", "scoring", "bertscore")}
-    depends_on |= {"seed": cfg.seed, "first_noun": cfg.first_noun, "max_new_tokens": cfg.max_new_tokens,
-                   "projection_files": files_fingerprint(cfg.projection.checkpoint)}
-    store = ResultStore(run_dir, json.loads(json.dumps(depends_on, default=str)), tables=("scores",))
+    store = ResultStore(run_dir, depends_on(cfg, ("decoding", "scoring", "bertscore")), tables=("scores",))
     batches = image_batches(n_images, cfg.images.batch_size)
     for index in tqdm(store.todo(len(batches), cfg.shard), desc="prompt decoding", unit="batch"):
         items = [images[i] for i in batches[index]]

@@ -15,13 +15,11 @@ rows [r H / gh, (r + 1) H / gh) x columns [c W / gw, (c + 1) W / gw) of an H x W
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
@@ -266,8 +264,7 @@ def receptive_field_experiment(cfg) -> dict:
     from mmn.analysis.figures import iou_bars
     from mmn.analysis.neurons import neuron_name
     from mmn.analysis.results import ResultStore, write_json, write_parquet
-    from mmn.analysis.run import check_settings, image_batches, prepare_run, resolve_device, shard_finished
-    from mmn.config import files_fingerprint
+    from mmn.analysis.run import check_settings, depends_on, image_batches, prepare_run, resolve_device, shard_finished
     from mmn.models.captioner import Captioner
     from mmn.training.loggers import finish, log_results, make_loggers
 
@@ -282,12 +279,8 @@ def receptive_field_experiment(cfg) -> dict:
     ids = single_object_ids(images, settings.categories, cfg.images.n)
     captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
     top_units = TopUnits(captioner, cfg)
-    depends_on = {key: OmegaConf.to_container(cfg[key], resolve=True)
-                  for key in ("encoder", "lm", "projection", "data", "images", "attribution", "layers", "filter",
-                              "receptive_fields")}
-    depends_on |= {"seed": cfg.seed, "first_noun": cfg.first_noun, "max_new_tokens": cfg.max_new_tokens,
-                   "projection_files": files_fingerprint(cfg.projection.checkpoint)}
-    store = ResultStore(run_dir, json.loads(json.dumps(depends_on, default=str)), tables=("ious", "images"))
+    store = ResultStore(run_dir, depends_on(cfg, ("attribution", "layers", "filter", "receptive_fields")),
+                        tables=("ious", "images"))
     batches = image_batches(len(ids), cfg.images.batch_size)
     for index in tqdm(store.todo(len(batches), cfg.shard), desc="receptive fields", unit="batch"):
         items = [images[images.index_of(ids[i])] for i in batches[index]]

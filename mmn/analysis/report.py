@@ -65,7 +65,9 @@ def headline(summary: dict) -> dict:
 def top_neuron_overlap(a: pd.DataFrame, b: pd.DataFrame) -> dict:
     """How much two runs' top neurons agree: the mean over shared images of the Jaccard index of
     their top (layer, unit) sets, and the Jaccard index of all unique units."""
-    units = lambda frame: frame.groupby("image_id").apply(lambda rows: set(zip(rows["layer"], rows["unit"])))
+    def units(frame: pd.DataFrame) -> pd.Series:  # image_id -> {(layer, unit)}
+        return frame.groupby("image_id").apply(lambda rows: set(zip(rows["layer"], rows["unit"])))
+
     per_a, per_b = units(a), units(b)
     shared = per_a.index.intersection(per_b.index)
     jaccard = [len(per_a[i] & per_b[i]) / len(per_a[i] | per_b[i]) for i in shared if per_a[i] | per_b[i]]
@@ -136,9 +138,12 @@ def write_report(folders: list[Path], out: Path) -> tuple[str, pd.DataFrame, lis
              *[f"- `{name}`: `{folder}`" for name, folder in zip(names, folders)], "", "## Headline numbers", "",
              markdown_table(table.set_index("run").T.reset_index(names="metric")), ""]
 
-    tables = lambda file: {name: pd.read_parquet(folder / file) for name, folder in zip(names, folders)
-                           if (folder / file).is_file()}
-    neurons, curves, ious = tables("neurons.parquet"), tables("ablation_curves.parquet"), tables("iou_per_category.parquet")
+    def tables(file: str) -> dict[str, pd.DataFrame]:  # run name -> its table, for the runs that have it
+        return {name: pd.read_parquet(folder / file) for name, folder in zip(names, folders)
+                if (folder / file).is_file()}
+
+    neurons, curves = tables("neurons.parquet"), tables("ablation_curves.parquet")
+    ious = tables("iou_per_category.parquet")
     if len(neurons) >= 2:
         overlap = pd.DataFrame([{"run a": a, "run b": b, **top_neuron_overlap(neurons[a], neurons[b])}
                                 for a, b in combinations(neurons, 2)])

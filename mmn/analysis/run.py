@@ -227,6 +227,18 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, CocoImages, int]:
     return run_dir, images, n_images
 
 
+def depends_on(cfg: DictConfig, keys: tuple[str, ...], captioner: bool = True) -> dict:
+    """What a run's results depend on, for its analysis.json: the config's `keys` and the seed,
+    and with `captioner` the models, the projection's files, the images and the captioning keys."""
+    if captioner:
+        keys = ("encoder", "lm", "projection", "data", "images", "max_new_tokens", "first_noun", *keys)
+    record = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+              for key in ("seed", *keys)}
+    if captioner:
+        record["projection_files"] = files_fingerprint(cfg.projection.checkpoint)
+    return json.loads(json.dumps(record, default=str))  # JSON's own types, as analysis.json reads back
+
+
 def shard_finished(cfg: DictConfig, store: ResultStore, n_batches: int) -> dict:
     """A shard that ends before the others: its batches are on disk; the last one merges."""
     done = len(store.done() & set(range(n_batches)))
@@ -255,12 +267,7 @@ def analyze(cfg: DictConfig) -> dict:
     captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
     layers = resolve_layers(cfg.layers, captioner.lm.n_layers)
     ks = capped_ks(cfg.ablation.ks, len(layers) * captioner.lm.d_mlp)
-    depends_on = {key: OmegaConf.to_container(cfg[key], resolve=True)
-                  for key in ("encoder", "lm", "projection", "data", "images", "attribution", "layers", "filter",
-                              "ablation", "bertscore")}
-    depends_on |= {"top_n": cfg.top_n, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
-                   "first_noun": cfg.first_noun, "projection_files": files_fingerprint(cfg.projection.checkpoint)}
-    store = ResultStore(run_dir, json.loads(json.dumps(depends_on, default=str)))
+    store = ResultStore(run_dir, depends_on(cfg, ("attribution", "layers", "filter", "ablation", "bertscore", "top_n")))
     means = load_means(cfg, captioner, images) if cfg.ablation.mode == "mean" else None
     decoder = UnitDecoder(captioner.lm, interpretable, cfg.filter.final_norm)
     finder = get_finder(cfg.first_noun)

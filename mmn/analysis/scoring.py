@@ -105,7 +105,7 @@ def neuron_scores(cfg: DictConfig) -> dict:
     from mmn.analysis.bertscore import BertScorer
     from mmn.analysis.clipscore import ClipScorer
     from mmn.analysis.results import ResultStore, write_json, write_parquet
-    from mmn.analysis.run import image_batches, prepare_run, shard_finished
+    from mmn.analysis.run import depends_on, image_batches, prepare_run, shard_finished
     from mmn.training.loggers import finish, log_results, make_loggers
 
     started = time.perf_counter()
@@ -119,9 +119,8 @@ def neuron_scores(cfg: DictConfig) -> dict:
     image_ids = list(dict.fromkeys(row["image_id"] for row in rows))
     clip = ClipScorer(cfg.scoring.clip_model, cfg.scoring.clip_pretrained)
     bertscore = BertScorer(cfg.bertscore.model, cfg.bertscore.num_layers)
-    depends_on = {"analysis": str(analysis.resolve()), "seed": cfg.seed,
-                  **{key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("data", "scoring", "bertscore")}}
-    store = ResultStore(run_dir, json.loads(json.dumps(depends_on, default=str)), tables=("scores",))
+    record = depends_on(cfg, ("data", "scoring", "bertscore"), captioner=False) | {"analysis": str(analysis.resolve())}
+    store = ResultStore(run_dir, record, tables=("scores",))
     batches = image_batches(len(image_ids), cfg.images.batch_size)
     for index in tqdm(store.todo(len(batches), cfg.shard), desc="neuron scores", unit="batch"):
         wanted = {image_ids[i] for i in batches[index]}

@@ -106,7 +106,8 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
     write_parquet(matrix.reset_index(names="units_of"), run_dir / "selectivity.parquet")
     diagonal = [row for row in matrix.index if row in matrix.columns]
     own_highest = sum(matrix.loc[row].idxmax() == row for row in diagonal)
-    summary = {"images": sum(len(choose) + len(measure) for choose, measure in split.values()), "categories": len(split), "units_per_category": settings.units,
+    summary = {"images": sum(len(choose) + len(measure) for choose, measure in split.values()),
+               "categories": len(split), "units_per_category": settings.units,
                "categories_most_active_on_own": int(own_highest), "seconds": round(time.perf_counter() - started, 1)}
     write_json(summary, run_dir / "summary.json")
     (run_dir / "figures").mkdir(exist_ok=True)
