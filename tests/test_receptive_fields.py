@@ -226,6 +226,8 @@ def test_experiment_scores_top_and_random_units_of_single_object_images(experime
     data = compose(experiment_overrides, config_name="receptive_fields").data.eval
     single = CocoImages(data.root, data.split, image_size=None).single_object_ids()[:4]
     assert list(images["image_id"]) == single and summary["images"] == len(single) >= 2
+    every = CocoImages(data.root, data.split, image_size=None)
+    assert summary["images_not_single_object"] == len(every) - len(every.single_object_ids()) > 0
     assert images.loc[images["skipped"], "skip_reason"].notna().all()
     analysed = images.loc[~images["skipped"], "image_id"]
     assert len(analysed) >= 1

@@ -308,7 +308,9 @@ def receptive_field_experiment(cfg) -> dict:
                     if len(ious) else pd.DataFrame(columns=["category", "arm", "mean", "sem", "count"]))
     write_parquet(per_category, run_dir / "iou_per_category.parquet")
     means = per_category.pivot(index="category", columns="arm", values="mean") if len(per_category) else None
+    # images without exactly one annotated object (none, or several) are never chosen; count them
     summary = {"images": len(tables["images"]), "images_skipped": int(tables["images"]["skipped"].sum()),
+               "images_not_single_object": len(images) - len(images.single_object_ids()),
                "seconds": round(time.perf_counter() - started, 1)}
     if means is not None:
         summary |= {"iou/top": float(ious.loc[ious["arm"] == "top", "iou"].mean()),
