@@ -288,6 +288,15 @@ def report_agreement(label: str, ours, theirs) -> bool:
     return close
 
 
+def memory_and_agreement(memory: dict, results: dict) -> bool:
+    """Peak memory against both captum references, and whether ours gives their numbers."""
+    print(f"  peak memory ours / captum  {memory['ours'] / memory['captum']:.2f}  (target <= 1.0: "
+          f"{verdict(memory['ours'] <= memory['captum'])});  ours / captum-target "
+          f"{memory['ours'] / memory['captum-target']:.2f}")
+    close = report_agreement("captum", results["ours"], results["captum"])
+    return report_agreement("captum-target", results["ours"], results["captum-target"]) and close
+
+
 def main(quick: bool, threads: int | None) -> None:
     start = time.perf_counter()
     sizes = QUICK if quick else FULL
@@ -311,11 +320,7 @@ def main(quick: bool, threads: int | None) -> None:
     print(f"  ours / captum  {times['ours'] / times['captum']:.2f}  (target <= 1.0: "
           f"{verdict(times['ours'] <= times['captum'])})")
     print(f"  ours / captum-target  {times['ours'] / times['captum-target']:.2f}")
-    print(f"  peak memory ours / captum  {memory['ours'] / memory['captum']:.2f}  (target <= 1.0: "
-          f"{verdict(memory['ours'] <= memory['captum'])});  ours / captum-target "
-          f"{memory['ours'] / memory['captum-target']:.2f}")
-    all_close &= report_agreement("captum", results["ours"], results["captum"])
-    all_close &= report_agreement("captum-target", results["ours"], results["captum-target"])
+    all_close &= memory_and_agreement(memory, results)
 
     print(f"\n2. ig: {sizes.steps} steps (riemann_right), layers {list(sizes.ig_layers)}, batch {sizes.ig_batch}, "
           f"{n_positions} positions (scores at the {sizes.n_image} image positions)")
@@ -323,11 +328,7 @@ def main(quick: bool, threads: int | None) -> None:
     print(f"  captum / ours        {times['captum'] / times['ours']:.2f}x  (target >= 2: "
           f"{verdict(times['captum'] >= 2 * times['ours'])})")
     print(f"  captum-target / ours {times['captum-target'] / times['ours']:.2f}x")
-    print(f"  peak memory ours / captum  {memory['ours'] / memory['captum']:.2f}  (target <= 1.0: "
-          f"{verdict(memory['ours'] <= memory['captum'])});  ours / captum-target "
-          f"{memory['ours'] / memory['captum-target']:.2f}")
-    all_close &= report_agreement("captum", results["ours"], results["captum"])
-    all_close &= report_agreement("captum-target", results["ours"], results["captum-target"])
+    all_close &= memory_and_agreement(memory, results)
 
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if not all_close:

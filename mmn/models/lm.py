@@ -195,8 +195,8 @@ class LanguageModel:
         a pass over [batch, pos, d_mlp] that autograd keeps for the backward pass; torch's fused
         kernel computes the same function (equal to float rounding) in one. Swapping it in cuts the
         time of an attribution pass by about a quarter on a CPU and its memory by about 40%."""
+        parent_name, _, name = self.family.mlp_act.rpartition(".")
         for block in self.blocks:
-            parent_name, _, name = self.family.mlp_act.rpartition(".")
             parent = block.get_submodule(parent_name)
             if type(getattr(parent, name)) is NewGELUActivation:
                 setattr(parent, name, GELUTanh())
