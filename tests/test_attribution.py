@@ -40,6 +40,17 @@ def test_grad_matches_captum_over_all_layers(lm):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+def test_grad_over_some_layers_and_positions_is_the_same_slice_of_all(lm):
+    torch.manual_seed(3)
+    inputs = torch.randn(2, 9, lm.d_model)
+    target_positions, target_ids = torch.tensor([8, 6]), torch.tensor([4, 2])
+    every = grad_attribution(lm, inputs, target_positions, target_ids, list(range(lm.n_layers)), slice(0, 9))
+    layers, positions = [1, lm.n_layers - 1], torch.tensor([0, 2, 5])
+    some = grad_attribution(lm, inputs, target_positions, target_ids, layers, positions)  # [2, 2, 3, d_mlp]
+    assert some.shape == (2, 2, 3, D_MLP)
+    torch.testing.assert_close(some, every[:, layers][:, :, positions])
+
+
 def test_padding_after_the_target_changes_nothing(lm):
     torch.manual_seed(2)
     inputs = torch.randn(1, 6, lm.d_model)

@@ -6,10 +6,10 @@ Three methods, one signature (`attribute(lm, method, ...)`), each returning
 - `grad` (paper eq. 2):  g[l, p, k] = Z[l, p, k] * d y^c / d Z[l, p, k]
   Z is the pre-activation of layer l's MLP (the output of its first projection, before the
   activation) and y^c the logit of c at the position that predicts it. All layers come from one
-  forward and one backward pass: the gradient is taken w.r.t. each hooked Z itself (the lowest
-  one is made a leaf that requires grad), so it is dy^c/dZ with every path through the layers
-  above intact, and the backward pass stops at the lowest hooked layer (the frozen LM has no
-  parameter gradients).
+  forward and one backward pass: a hook on each Z receives dy^c/dZ (every path through the layers
+  above intact) as the backward pass goes through it and writes Z * dy^c/dZ into the output, so no
+  layer's gradient is kept; the backward pass stops at the lowest hooked layer (made a leaf that
+  requires grad; the frozen LM has no parameter gradients).
 - `ig`, integrated gradients per layer as in Dai et al. ("Knowledge neurons", eq. 3): layer l's
   pre-activations Z (all positions) are scaled from the baseline 0 to their value,
       ig[l, p, k] = Z[l, p, k] * sum_s w_s * d y^c / d Z[l, p, k] evaluated at alpha_s * Z_l,
@@ -27,6 +27,7 @@ which would be the largest tensor of these passes (20 IG steps x 8 images x 200 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from captum.attr._utils.approximation_methods import SUPPORTED_METHODS, approximation_parameters
@@ -96,27 +97,32 @@ def grad_attribution(lm: LanguageModel, inputs_embeds: Tensor, target_positions:
     """Z * dy^c/dZ for every unit of `layers` at `positions` (the image patches).
     -> [batch, len(layers), n_positions, d_mlp]"""
     modules = _check_layers(lm, layers)
-    pre_activations = {}
+    scores: list[Tensor] = []  # the output, allocated when the lowest Z shows its shape and dtype
+    lowest: list[Tensor] = []  # the lowest hooked Z, where the backward pass may stop
 
-    def keep(module, args, output):
-        # the lowest hooked Z has nothing below it that asks for a gradient: it is a leaf, make it one
-        # that keeps its gradient; the others already require one (from the Z below them)
-        if not output.requires_grad:
-            output.requires_grad_()
-        pre_activations[module] = output  # [batch, pos, d_mlp]
+    def keep(module, args, output, index):
+        z = output.detach()[:, positions]  # [batch, n_positions, d_mlp]
+        if not lowest:  # the forward pass meets the lowest hooked layer first
+            output.requires_grad_()  # nothing below asks for its gradient: make it a leaf that does
+            lowest.append(output)
+            scores.append(z.new_empty(len(z), len(modules), *z.shape[1:]))
 
-    handles = [module.register_forward_hook(keep) for module in modules]
+        def multiply(gradient):
+            # called once the backward pass reaches this Z: its gradient is dy/dZ with every path above
+            # intact, used here and then freed, so no layer's gradient outlives its own step
+            torch.mul(z, gradient[:, positions], out=scores[0][:, index])
+
+        output.register_hook(multiply)
+
+    handles = [module.register_forward_hook(partial(keep, index=index)) for index, module in enumerate(modules)]
     try:
         with torch.enable_grad():
             logit = target_logits(lm, inputs_embeds.detach(), target_positions, target_ids)
-            # the gradient w.r.t. Z itself, intermediate or not, is dy/dZ with every path above intact
-            gradients = torch.autograd.grad(logit.sum(), [pre_activations[module] for module in modules])
+            torch.autograd.grad(logit.sum(), lowest)  # runs every hook above on the way down
     finally:
         for handle in handles:
             handle.remove()
-    scores = [pre_activations[module].detach()[:, positions] * gradient[:, positions]
-              for module, gradient in zip(modules, gradients)]
-    return torch.stack(scores, dim=1)
+    return scores[0]
 
 
 def _repeat_rows(value, batch: int, times: int):
