@@ -23,8 +23,9 @@ the target is a random token at the last position.
 The targets are judged against `captum`, the reference of the tests; `captum-target` shows how
 much of the gain is the target-only logits and how much the rest.
 
-Times are medians of 5 (grad) or 3 (ig) repeats after one warm-up (for ig, on its last layer
-only), the methods interleaved, with torch's default thread count unless --threads is given.
+Times are medians of 9 (grad: a pass takes about 2 s, so timing noise matters most there) or 3
+(ig) repeats after one warm-up (for ig, on its last layer only), the methods interleaved, with
+torch's default thread count unless --threads is given.
 Peak memory: each method runs once in a fresh process (this script with --measure SECTION:METHOD),
 which reports its peak RSS (VmHWM, reset once the model and the inputs exist) minus its RSS at
 that point; glibc's mmap threshold is fixed at 1 MB there so that freed tensors leave the RSS at
@@ -72,7 +73,7 @@ class Sizes:
 
 
 FULL = Sizes(n_layers=28, n_image=196, n_text=4, grad_batch=8, ig_batch=2, ig_layers=(0, 9, 18, 27), steps=20,
-             repeats={"grad": 5, "ig": 3})
+             repeats={"grad": 9, "ig": 3})
 QUICK = Sizes(n_layers=4, n_image=46, n_text=4, grad_batch=2, ig_batch=1, ig_layers=(0, 3), steps=4,
               repeats={"grad": 1, "ig": 1})
 
