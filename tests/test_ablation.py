@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_lm import build_tiny, build_tokenizer, D_MLP
 
-from mmn.analysis.ablation import ablate
+from mmn.analysis.ablation import ablate, parse_size, resolve_sizes
 from mmn.models.lm import LanguageModel
 
 
@@ -128,3 +128,12 @@ def test_sweep_equals_one_ablated_forward_and_generate_per_setting(lm):
             assert result["caption_ids"] == caption
             p_seen.add(round(p, 6))
     assert len(p_seen) > 5  # the settings really differ
+
+
+def test_sizes_are_counts_or_shares_of_the_analysed_units():
+    assert resolve_sizes(["0%", "1.5%", 400, "400"], 8192) == [0, 123, 400]  # 1.5% of 8,192 = 122.9
+    assert resolve_sizes([6400, "100%"], 2048) == [2048]                     # capped, then merged
+    assert parse_size("0.1%") == pytest.approx(0.001) and parse_size(50) == 50
+    for bad, message in [(True, "neither"), ("1.5", "neither"), ("x%", "'x' is not a number"), ("-1%", "between")]:
+        with pytest.raises(ValueError, match=message):
+            parse_size(bad)

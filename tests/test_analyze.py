@@ -16,13 +16,13 @@ from mmn.config import CONFIG_DIR, compose
 
 REPO = CONFIG_DIR.parent
 KS = [0, 2, 8]
+SIZES = "[0%,2,3.125%]"  # shares and counts: of the tiny world's 2 x 128 = 256 units, 3.125% is 8
 
 
 @pytest.fixture(scope="module")
 def overrides(analysis_overrides):
     """The tiny world, a fresh projection, 4 images in batches of 2, small ablation sizes."""
-    return [*analysis_overrides, "images.n=4", "images.batch_size=2", f"ablation.ks=[{','.join(map(str, KS))}]",
-            "top_n=5"]
+    return [*analysis_overrides, "images.n=4", "images.batch_size=2", f"ablation.ks={SIZES}", "top_n=5"]
 
 
 def run_analysis(overrides, run_dir, *extra):
@@ -57,6 +57,9 @@ def test_tables_hold_every_image_neuron_and_ablation_setting(finished):
     assert (unablated["caption"] == unablated["original_caption"]).all()
     assert unablated["bertscore"].min() > 0.99
     assert (ablation.loc[ablation["arm"] == "top", "n_ablated"].values == [0, 2, 8] * len(analysed)).all()
+    curves = pd.read_parquet(run_dir / "ablation_curves.parquet")
+    assert sorted(curves["k"].unique()) == KS and summary["analysed_units"] == 256
+    assert curves["share"].tolist() == (curves["k"] / 256).tolist()
     assert sorted(p.name for p in (run_dir / "figures").iterdir()) == ["ablation_curves.png", "layer_distribution.png"]
     assert json.loads((run_dir / "summary.json").read_text())["images"] == 4
 
@@ -124,6 +127,10 @@ def test_a_different_analysis_never_writes_into_finished_results(overrides, fini
     ("filter.min_words=11", "filter.min_words=11 must be in 0..filter.top_k=10"),
     ("images.n=0", "images.n=0: the image set is empty"),
     ("ablation.mode=shuffle", "ablation.mode='shuffle' is unknown"),
+    ("ablation.ks=[]", r"ablation.ks=\[\]: ablation sizes are empty"),
+    ("ablation.ks=[0,abc]", "'abc' is neither a unit count nor a share"),
+    ("ablation.ks=[-3]", "ablation size -3 must not be negative"),
+    ("ablation.ks=[150%]", "'150%' must be a share between 0% and 100%"),
 ])
 def test_bad_settings_fail_with_their_key_before_writing_results(overrides, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

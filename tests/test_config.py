@@ -56,3 +56,10 @@ def test_world_config_mirrors_the_builders_defaults():
     world = OmegaConf.to_container(compose().world, resolve=True)
     del world["dir"]
     assert world == json.loads(json.dumps(DEFAULT_WORLD))  # tuples as lists, as YAML has them
+
+
+def test_the_paper_analysis_config_keeps_the_papers_unit_counts():
+    paper, world = compose(config_name="analyze_gptj"), compose(config_name="analyze")
+    assert paper.lm.name_or_path == "EleutherAI/gpt-j-6b" and paper.encoder.kind == "beit"
+    assert list(paper.ablation.ks) == [0, 50, 100, 200, 400, 800, 1600, 3200, 6400]
+    assert all(str(size).endswith("%") for size in world.ablation.ks)  # the world's curve is in shares

@@ -136,6 +136,42 @@ def mean_activations(captioner, pixel_batches: Iterable[Tensor]) -> dict[int, Te
 ARMS = ("top", "top_interpretable", "random")
 
 
+def parse_size(size) -> int | float:
+    """One ablation size: a unit count (an int >= 0) or a share of the analysed units, written as a
+    percentage string ("1.5%"), returned as a fraction (0.015). Anything else raises ValueError."""
+    if isinstance(size, bool):
+        raise ValueError(f"ablation size {size!r} is neither a unit count nor a share like '1.5%'")
+    if isinstance(size, int):
+        if size < 0:
+            raise ValueError(f"ablation size {size} must not be negative")
+        return size
+    text = str(size).strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"ablation size {size!r}: {text[:-1]!r} is not a number") from None
+        if not 0 <= share <= 1:
+            raise ValueError(f"ablation size {size!r} must be a share between 0% and 100%")
+        return share
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"ablation size {size!r} is neither a unit count nor a share like '1.5%'")
+
+
+def resolve_sizes(sizes: Sequence, n_units: int) -> list[int]:
+    """Ablation sizes (unit counts and shares, see `parse_size`) as sorted, distinct unit counts:
+    a share of the n_units analysed units rounds to the nearest count, and every count is capped
+    at n_units. ["0%", "1.5%", 400] with 8,192 units -> [0, 123, 400]."""
+    if len(sizes) == 0:
+        raise ValueError("ablation sizes are empty: give at least one count or share, e.g. [0, '1.5%']")
+    counts = set()
+    for size in sizes:
+        parsed = parse_size(size)
+        counts.add(min(round(parsed * n_units) if isinstance(parsed, float) else parsed, n_units))
+    return sorted(counts)
+
+
 def ablation_settings(ranking: Tensor, interpretable: Tensor, ks: Sequence[int], d_mlp: int,
                       generator: torch.Generator) -> list[tuple[str, int, Tensor]]:
     """The (arm, k, units [n, 2] of (layer, unit)) settings of one image (paper section 3.3):

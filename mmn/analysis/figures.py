@@ -31,9 +31,10 @@ def ablation_curves(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
     ks = sorted(curves["k"].unique())
     for axis in (left, right):
         axis.set_xscale("symlog", linthresh=50)
-        axis.set_xticks(ks, [str(k) for k in ks], rotation=45, fontsize=8)
+        shares = curves.drop_duplicates("k").set_index("k")["share"] if "share" in curves else {}
+        axis.set_xticks(ks, [f"{k}\n{shares[k]:.1%}" if k in shares else str(k) for k in ks], rotation=45, fontsize=7)
         axis.minorticks_off()
-        axis.set_xlabel("units ablated (k)")
+        axis.set_xlabel("units ablated (k, and share of the analysed units)")
         axis.grid(alpha=0.3)
     left.set_ylabel("change in p(c), % (mean ± s.e.)")
     right.set_ylabel("BERTScore F1, ablated vs original caption")

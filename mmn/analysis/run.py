@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
-from mmn.analysis.ablation import ARMS, MODES, ablation_settings, ablation_sweep, mean_activations
+from mmn.analysis.ablation import ARMS, MODES, ablation_settings, ablation_sweep, mean_activations, resolve_sizes
 from mmn.analysis.attribution import IG_RULES, METHODS, attribute
 from mmn.analysis.captions import caption_targets
 from mmn.analysis.figures import ablation_curves, layer_distribution
@@ -65,8 +65,10 @@ def check_settings(cfg: DictConfig) -> None:
         raise ValueError(f"ablation.mode={cfg.ablation.mode!r} is unknown; use one of {MODES}")
     if cfg.ablation.positions not in ("all", "image"):
         raise ValueError(f"ablation.positions={cfg.ablation.positions!r} is unknown; use all or image")
-    if any(k < 0 for k in cfg.ablation.ks):
-        raise ValueError(f"ablation.ks={list(cfg.ablation.ks)} must not hold negative values")
+    try:
+        resolve_sizes(list(cfg.ablation.ks), 1)
+    except ValueError as error:
+        raise ValueError(f"ablation.ks={list(cfg.ablation.ks)}: {error}") from None
     if cfg.images.n is not None and cfg.images.n < 1:
         raise ValueError(f"images.n={cfg.images.n}: the image set is empty; use a positive count or null for all")
     if cfg.top_n < 1:
@@ -81,11 +83,6 @@ def resolve_layers(layers: DictConfig, n_layers: int) -> list[int]:
         raise ValueError(f"layers.start={layers.start}, layers.stop={layers.stop}: not a layer range of this "
                          f"model, which has {n_layers} layers (0..{n_layers - 1}; stop is exclusive)")
     return list(range(start, stop))
-
-
-def capped_ks(ks, n_units: int) -> list[int]:
-    """The ablation sizes, each capped at the number of units in the analysed layers."""
-    return sorted({min(int(k), n_units) for k in ks})
 
 
 def latest_projection(cfg: DictConfig) -> Path:
@@ -176,12 +173,14 @@ def analyze_batch(captioner: Captioner, images: list[dict], cfg: DictConfig, lay
 
 # ----------------------------------------------------------------------------- summary
 
-def ablation_curve_table(ablation: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard error of delta p(c) and BERTScore per (arm, k), over images."""
+def ablation_curve_table(ablation: pd.DataFrame, n_units: int) -> pd.DataFrame:
+    """Mean and standard error of delta p(c) and BERTScore per (arm, k), over images; `share` is k
+    as a fraction of the n_units analysed units (the paper's 6,400 of GPT-J's 458,752: 0.014)."""
     grouped = ablation.groupby(["arm", "k"], sort=False)
     curves = grouped.agg(delta_p_mean=("delta_p", "mean"), delta_p_sem=("delta_p", "sem"),
                          bertscore_mean=("bertscore", "mean"), bertscore_sem=("bertscore", "sem"),
                          n_ablated_mean=("n_ablated", "mean"), images=("image_id", "nunique")).reset_index()
+    curves.insert(2, "share", curves["k"] / n_units)
     return curves.sort_values(["arm", "k"], key=lambda c: c.map(ARMS.index) if c.name == "arm" else c)
 
 
@@ -266,7 +265,8 @@ def analyze(cfg: DictConfig) -> dict:
 
     captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
     layers = resolve_layers(cfg.layers, captioner.lm.n_layers)
-    ks = capped_ks(cfg.ablation.ks, len(layers) * captioner.lm.d_mlp)
+    n_units = len(layers) * captioner.lm.d_mlp
+    ks = resolve_sizes(list(cfg.ablation.ks), n_units)
     store = ResultStore(run_dir, depends_on(cfg, ("attribution", "layers", "filter", "ablation", "bertscore", "top_n")))
     means = load_means(cfg, captioner, images) if cfg.ablation.mode == "mean" else None
     decoder = UnitDecoder(captioner.lm, interpretable, cfg.filter.final_norm)
@@ -282,9 +282,10 @@ def analyze(cfg: DictConfig) -> dict:
         return shard_finished(cfg, store, len(batches))
 
     tables = store.merge()
-    curves = ablation_curve_table(tables["ablation"]) if len(tables["ablation"]) else pd.DataFrame()
+    curves = ablation_curve_table(tables["ablation"], n_units) if len(tables["ablation"]) else pd.DataFrame()
     summary = summarize(tables, curves, time.perf_counter() - started)
     summary |= {"method": cfg.attribution.method, "layers": f"{layers[0]}..{layers[-1]}", "ablation_mode": cfg.ablation.mode,
+                "analysed_units": n_units,
                 "projection": cfg.projection.checkpoint}
     figures_dir = run_dir / "figures"
     figures_dir.mkdir(exist_ok=True)
