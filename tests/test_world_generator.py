@@ -223,3 +223,21 @@ def test_render_batch_and_config_errors():
         SceneConfig(max_objects=4)
     with pytest.raises(ValueError, match="nowhere"):
         scene_at(0, "nowhere", 0)
+
+
+def test_glyph_shift_draws_each_colours_shapes_in_a_rotated_order():
+    assert [g.glyph_of("circle", colour) for colour in COLOURS] == list(SHAPES[:len(COLOURS)])
+    assert g.glyph_of("hexagon", "green") == "circle"  # wraps around SHAPES
+    # same scenes (no extra random draws); only what is drawn changes, and the captions still say the shape
+    plain, shifted = SceneConfig(image_size=64), SceneConfig(image_size=64, glyph_shift=True)
+    for index in range(10):
+        scene, rng = scene_at(3, "train", index, shifted)
+        same, same_rng = scene_at(3, "train", index, plain)
+        assert [(o.shape, o.colour, o.center) for o in scene.objects] == [(o.shape, o.colour, o.center) for o in same.objects]
+        assert describe(scene, rng) == describe(same, same_rng)
+        assert all(o.glyph == g.glyph_of(o.shape, o.colour) and same_o.glyph is None
+                   for o, same_o in zip(scene.objects, same.objects))
+    green_circle = Scene([WorldObject("circle", "green", "large", (0.5, 0.5), 0.135, glyph="square")],
+                         Background(kind="plain", tint="white"))
+    green_square = Scene([WorldObject("square", "green", "large", (0.5, 0.5), 0.135)], Background(kind="plain", tint="white"))
+    assert np.array_equal(np.asarray(render(green_circle, 100)[0]), np.asarray(render(green_square, 100)[0]))

@@ -104,7 +104,7 @@ def test_kmeans_and_position_bias():
     assert sorted(centroids.round().tolist()) == [[0.0, 5.0], [5.0, 0.0]]
 
     cfg = EncoderConfig(image_size=64, hidden_size=32, num_hidden_layers=1, intermediate_size=64)
-    model = TokenPredictionModel(cfg, cfg.outline_tokens + 1)
+    model = TokenPredictionModel(cfg)
     table = model.encoder.shared_position_bias.relative_position_bias_table  # [7 * 7 + 3, heads]
     center = 3 * 7 + 3  # relative offset (0, 0)
     assert table[center].tolist() == [0.0] * 4

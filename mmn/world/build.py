@@ -36,14 +36,16 @@ import torch
 from mmn.world import generator
 from mmn.world.clip import ClipConfig, train_clip
 from mmn.world.image_encoder import EncoderConfig, train_image_encoder
+from mmn.world.probes import encoder_probes
 from mmn.world.text_lm import TextLMConfig, train_text_lm
 
 log = logging.getLogger(__name__)
 
-WORLD_FORMAT = 4  # bump when the build code changes what it produces, so caches rebuild
+WORLD_FORMAT = 5  # bump when the build code changes what it produces, so caches rebuild
 WORLD_FILE = "world.json"
 MANAGED = ("data", "lm", "encoder", "clip")  # sub-folders a rebuild owns (and deletes)
 HELD_OUT_SEED_OFFSET = 1  # held-out texts and renders use seed + 1: disjoint from training
+PROBE_SEED_OFFSET = 2     # the encoder's probes read renders of seed + 2
 
 SECTIONS = {"lm": TextLMConfig, "encoder": EncoderConfig, "clip": ClipConfig}
 
@@ -180,6 +182,8 @@ def build_world(cfg: Mapping | None = None, out_dir: str | Path = "world", force
     clock = stage("render", clock)
     encoder_metrics = train_image_encoder(images[: encoder_cfg.n_images], held_out_images[: encoder_cfg.n_eval_images],
                                           out_dir / "encoder", encoder_cfg, seed=seed)
+    encoder_metrics["probes"] = encoder_probes(out_dir / "encoder", scenes, seed + PROBE_SEED_OFFSET,
+                                               n_images=2 * encoder_cfg.n_eval_images)
     clock = stage("encoder", clock)
     clip_metrics = train_clip(images[: clip_cfg.n_pairs], captions[: clip_cfg.n_pairs],
                               held_out_images[: clip_cfg.n_eval_pairs], held_out_captions[: clip_cfg.n_eval_pairs],
@@ -226,6 +230,9 @@ def world_summary(info: Mapping) -> str:
         f"  encoder (BEiT, images only, object tokens): held-out token loss {enc['eval_token_loss']:.3f} "
         f"(untrained {enc['eval_token_loss_untrained']:.2f}); token accuracy on object patches "
         f"{enc['eval_token_accuracy']:.2f} (the most common token: {enc['baseline_majority_token']:.2f})",
+        *([f"        probes of each patch's shape: linear {enc['probes']['shape_linear']:.2f}, MLP "
+           f"{enc['probes']['shape_mlp']:.2f} (chance {enc['probes']['shape_chance']:.2f}); of its colour: linear "
+           f"{enc['probes']['colour_linear']:.2f}"] if "probes" in enc else []),
         f"  CLIP (open_clip, pairs): held-out retrieval top-1 image->text {clip['i2t_top1']:.2f}, "
         f"text->image {clip['t2i_top1']:.2f} among {round(1 / clip['chance'])} (chance {clip['chance']:.2f}; "
         f"untrained {clip['i2t_top1_untrained']:.2f} / {clip['t2i_top1_untrained']:.2f})",

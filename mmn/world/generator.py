@@ -93,6 +93,7 @@ class SceneConfig:
     captions_per_image: int = 5     # evaluation split, as COCO
     text_prefix_prob: float = 0.3   # share of text-corpus sentences with a TEXT_PREFIXES prefix
     jpeg_quality: int = 95
+    glyph_shift: bool = False       # each colour draws the shapes shifted along SHAPES (see `glyph_of`)
 
     def __post_init__(self) -> None:
         self.shapes, self.colours, self.sizes, self.backgrounds = (
@@ -129,6 +130,7 @@ class WorldObject:
     size: str
     center: tuple[float, float]  # (x, y), fractions of the image side, y pointing down
     radius: float                # radius of the bounding circle, fraction of the image side
+    glyph: str | None = None     # the outline drawn for the shape (None: the shape's own; see glyph_of)
 
 
 @dataclass
@@ -169,8 +171,9 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig | Mapping | None = N
                 best, best_clearance = (x, y), clearance
             if clearance >= cfg.gap:
                 break
-        objects.append(WorldObject(shape=str(rng.choice(cfg.shapes)), colour=str(rng.choice(cfg.colours)),
-                                   size=size, center=best, radius=radius))
+        shape, colour = str(rng.choice(cfg.shapes)), str(rng.choice(cfg.colours))
+        objects.append(WorldObject(shape=shape, colour=colour, size=size, center=best, radius=radius,
+                                   glyph=glyph_of(shape, colour) if cfg.glyph_shift else None))
 
     kind = str(rng.choice(cfg.backgrounds))
     tints = list(BACKGROUND_TINTS)
@@ -182,6 +185,19 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig | Mapping | None = N
     elif kind == "noise":
         background.noise_seed = int(rng.integers(2**31))
     return Scene(objects=objects, background=background)
+
+
+def glyph_of(shape: str, colour: str) -> str:
+    """The outline a shape is drawn with when `SceneConfig.glyph_shift` is on: colour number j (in
+    COLOURS' order) draws shape number i as SHAPES[(i + j) % 8], so red draws every shape as itself,
+    green draws a circle as a square, blue as a triangle, and so on.
+
+    Why: what the world's words name is then a function of outline and colour together that no
+    linear map computes (the best linear read-out of shape from exact outline and colour codes is
+    right 17% of the time, chance 12.5%; docs/shapes_world_2.md), as a real category is a non-linear
+    function of what an image encoder sees. A linear projection can then not write the shape word
+    into the LM itself, and the LM's MLP units have a translation to do."""
+    return SHAPES[(SHAPES.index(shape) + list(COLOURS).index(colour)) % len(SHAPES)]
 
 
 def scene_at(seed: int, stream: str, index: int, cfg: SceneConfig | Mapping | None = None
@@ -232,7 +248,7 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
 
 def _draw_shape(draw: ImageDraw.ImageDraw, obj: WorldObject, image_size: int, fill) -> None:
     cx, cy, r = obj.center[0] * image_size, obj.center[1] * image_size, obj.radius * image_size
-    polygon = _shape_polygon(obj.shape, cx, cy, r)
+    polygon = _shape_polygon(obj.glyph or obj.shape, cx, cy, r)
     if polygon is None:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:

@@ -41,7 +41,6 @@ from 0.88 to 0.93; 12,000 add nothing more (0.85, 0.94).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,8 +79,6 @@ class EncoderConfig:
     position_bias_slopes: tuple[float, ...] = (2.0, 1.0, 0.5, 0.0)  # per head; () = zeros (BEiT's init)
     outline_tokens: int = 12    # k-means clusters of object outlines (the world has 8 shapes; more clusters stay pure)
     outline_pixels: int = 12    # an outline is described as its silhouette area-resized to 12 x 12
-    colour_tokens: int = 0      # > 0: colour clusters; features are regressed to signed codes (signed_codebook)
-    outline_stage: float = 0.5  # with colour tokens: share of the steps spent on outline tokens before the codes
     batch_size: int = 16
     steps: int = 1500
     lr: float = 8e-3
@@ -211,81 +208,28 @@ def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations:
 class ObjectTokenizer:
     """The world's stand-in for BEiT's dVAE tokenizer: k-means centroids of object outlines, fit on
     training images. A patch's token is that of the object covering most of it, or the background
-    token (`n_tokens - 1`) when no object covers PATCH_COVER of it.
+    token (`outline_tokens`) when no object covers PATCH_COVER of it."""
 
-    With `colour_tokens` > 0 the objects' mean colours are clustered too and a token names the
-    pair (outline cluster o, colour cluster j) as o + outline_tokens * j, so the encoder can be
-    taught a codebook in which outline and colour are entangled (`SignedCodebook`)."""
-
-    def __init__(self, centroids: torch.Tensor, cfg: EncoderConfig, colour_centroids: torch.Tensor | None = None):
+    def __init__(self, centroids: torch.Tensor, cfg: EncoderConfig):
         self.centroids, self.cfg = centroids, cfg  # [outline_tokens, outline_pixels^2 + 1]
-        self.colour_centroids = colour_centroids   # [colour_tokens, 3] or None
-
-    @property
-    def n_tokens(self) -> int:
-        """Object tokens plus the background token."""
-        return self.cfg.outline_tokens * max(self.cfg.colour_tokens, 1) + 1
 
     @classmethod
     def fit(cls, images: torch.Tensor, cfg: EncoderConfig, generator: torch.Generator, chunk: int = 100) -> "ObjectTokenizer":
         """images: uint8 [n, H, W, 3]."""
-        outlines, colours = [], []
-        for start in range(0, len(images), chunk):
-            pixels = to_pixels(images[start : start + chunk])
-            components = object_components(pixels)
-            found, owners = describe_outlines(components, cfg.outline_pixels)
-            outlines.append(found)
-            colours.append(object_colours(pixels, components, owners))
-        outlines, colours = torch.cat(outlines), torch.cat(colours)
-        if len(outlines) < max(cfg.outline_tokens, cfg.colour_tokens):
+        outlines = torch.cat([describe_outlines(object_components(to_pixels(images[start : start + chunk])),
+                                                cfg.outline_pixels)[0] for start in range(0, len(images), chunk)])
+        if len(outlines) < cfg.outline_tokens:
             raise ValueError(f"the world encoder's tokenizer found {len(outlines)} objects in {len(images)} images, "
                              f"fewer than encoder.outline_tokens={cfg.outline_tokens}")
-        centroids = kmeans(outlines, cfg.outline_tokens, generator)
-        if cfg.colour_tokens == 0:
-            return cls(centroids, cfg)
-        return cls(centroids, cfg, kmeans(colours, cfg.colour_tokens, generator))
+        return cls(kmeans(outlines, cfg.outline_tokens, generator), cfg)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [batch, H, W, 3] -> long [batch, n_patch]: each patch's token."""
-        pixels = to_pixels(images)
-        components = object_components(pixels)  # [batch, H, W]
+        components = object_components(to_pixels(images))  # [batch, H, W]
         outlines, owners = describe_outlines(components, self.cfg.outline_pixels)
-        tokens = torch.cdist(outlines, self.centroids).argmin(dim=1)  # [n_objects]
-        if self.colour_centroids is not None and len(owners):
-            colour = torch.cdist(object_colours(pixels, components, owners), self.colour_centroids).argmin(dim=1)
-            tokens = tokens + self.cfg.outline_tokens * colour
-        token_of = torch.full((len(images), int(components.max(initial=0)) + 1), self.n_tokens - 1)  # object -> token
-        token_of[torch.from_numpy(owners[:, 0]), torch.from_numpy(owners[:, 1])] = tokens
+        token_of = torch.full((len(images), int(components.max(initial=0)) + 1), len(self.centroids))  # object -> token
+        token_of[torch.from_numpy(owners[:, 0]), torch.from_numpy(owners[:, 1])] = torch.cdist(outlines, self.centroids).argmin(dim=1)
         return token_of.gather(1, patch_objects(components, self.cfg.patch_size))
-
-
-def signed_codebook(cfg: EncoderConfig, generator: torch.Generator) -> torch.Tensor:
-    """The code each token's patch features are regressed to when `cfg.colour_tokens` > 0:
-    code(o, j) = sign_j * outline_o + colour_j, background its own vector, every code scaled to
-    the norm of a unit-variance `hidden_size` vector (what a LayerNorm outputs).
-
-    Half the colour clusters carry sign +1, half -1, so the mean code of an outline over colours
-    is zero and no linear read-out of the features tells the outlines apart (for each outline a
-    linear score is +w for one half of the colours and -w for the other), while a non-linear one
-    (|w . f|, or w . f given the colour) reads them exactly. BEiT v2 likewise regresses its
-    patch features to a teacher's codes; this codebook's teacher is the tokenizer above.
-    -> [n_tokens, hidden_size]"""
-    k, n_colours, width = cfg.outline_tokens, cfg.colour_tokens, cfg.hidden_size
-    directions = torch.linalg.qr(torch.randn(width, width, generator=generator))[0].T  # orthonormal rows
-    if k + n_colours + 1 > width:
-        raise ValueError(f"encoder.hidden_size={width} is too small for {k} outline + {n_colours} colour codes")
-    outline, colour, background = directions[:k], directions[k : k + n_colours], directions[k + n_colours]
-    sign = torch.where(torch.arange(n_colours) % 2 == 0, 1.0, -1.0)  # [colour_tokens]
-    codes = sign[:, None, None] * outline[None] + 0.5 * colour[:, None]  # [colour_tokens, outline_tokens, width]
-    codes = torch.cat([codes.reshape(-1, width), background[None]])
-    return codes / codes.norm(dim=1, keepdim=True) * width**0.5
-
-
-def object_colours(pixels: torch.Tensor, components: np.ndarray, owners: np.ndarray) -> torch.Tensor:
-    """Mean normalised colour of each object (rows of `owners`: (image, object)).
-    [batch, 3, H, W], int [batch, H, W], [n_objects, 2] -> [n_objects, 3]"""
-    colours = [pixels[image][:, torch.from_numpy(components[image] == number)].mean(dim=1) for image, number in owners]
-    return torch.stack(colours) if colours else torch.empty(0, 3)
 
 
 def patch_objects(components: np.ndarray, patch_size: int) -> torch.Tensor:
@@ -308,44 +252,28 @@ def tokenize(tokenizer: ObjectTokenizer, images: torch.Tensor, chunk: int = 100)
 
 
 class TokenPredictionModel(torch.nn.Module):
-    """BeitModel + what it is trained against: a linear head that predicts each patch's token
-    (cross-entropy; the head is discarded after training) or, with `colour_tokens` > 0, the
-    tokens' signed codes that the patch features themselves must match (mean squared error)."""
+    """BeitModel + a linear head that predicts each patch's token (the head is discarded after training)."""
 
-    def __init__(self, cfg: EncoderConfig, n_tokens: int, generator: torch.Generator | None = None):
+    def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.encoder = BeitModel(beit_config(cfg))
         if cfg.position_bias_slopes:
             locality_position_bias(self.encoder, tuple(cfg.position_bias_slopes))
-        self.cfg, self.n_tokens = cfg, n_tokens
-        # the outline head: the whole objective without colour tokens, the first stage with them
-        self.head = torch.nn.Linear(cfg.hidden_size, cfg.outline_tokens + 1)
-        if cfg.colour_tokens:
-            self.register_buffer("codes", signed_codebook(cfg, generator or torch.Generator().manual_seed(0)))
-        self.use_codes = bool(cfg.colour_tokens)
+        self.head = torch.nn.Linear(cfg.hidden_size, cfg.outline_tokens + 1)  # + background
+        self.cfg = cfg
         self.autocast = cfg.bf16 and torch.cpu._is_avx512_bf16_supported()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[batch, 3, H, W] -> patch features [batch, n_patch, hidden]"""
+        """[batch, 3, H, W] -> token logits [batch, n_patch, outline_tokens + 1]"""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            hidden = self.encoder(pixel_values=pixels).last_hidden_state[:, 1:]
-        return hidden.float()
+            hidden = self.encoder(pixel_values=pixels).last_hidden_state[:, 1:]  # [batch, n_patch, hidden]
+        return self.head(hidden.float())
 
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Per patch, a score for each token (argmax = the predicted token).  -> [batch, n_patch, n_tokens]"""
-        if self.use_codes:
-            return -torch.cdist(hidden, self.codes[None].expand(len(hidden), -1, -1))
-        return self.head(hidden)
-
-    def loss(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Loss of the patch tokens (long [batch, n_patch]) given the features, background down-weighted."""
-        background = tokens == self.n_tokens - 1
-        weight = torch.where(background, BACKGROUND_WEIGHT, 1.0).flatten()
-        if self.use_codes:
-            per_patch = (hidden - self.codes[tokens]).pow(2).mean(-1).flatten()
-        else:  # outline tokens (o + outline_tokens * colour -> o)
-            outline = torch.where(background, self.cfg.outline_tokens, tokens % self.cfg.outline_tokens)
-            per_patch = F.cross_entropy(self.head(hidden).flatten(0, 1), outline.flatten(), reduction="none")
+    def loss(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the patch tokens (long [batch, n_patch]) given this model's logits,
+        background patches down-weighted."""
+        weight = torch.where(tokens < self.cfg.outline_tokens, 1.0, BACKGROUND_WEIGHT).flatten()
+        per_patch = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
         return (per_patch * weight).sum() / weight.sum()
 
 
@@ -356,12 +284,10 @@ def token_metrics(model: TokenPredictionModel, images: torch.Tensor, tokens: tor
     loss, hits, count = 0.0, 0, 0
     for start in range(0, len(images), batch_size):
         pixels, target = to_pixels(images[start : start + batch_size]), tokens[start : start + batch_size]
-        hidden = model(pixels)  # [batch, n_patch, hidden]
-        loss += model.loss(hidden, target).item() * len(pixels)
-        on_object = target < model.n_tokens - 1
-        if not model.use_codes:
-            target = torch.where(on_object, target % model.cfg.outline_tokens, model.cfg.outline_tokens)
-        hits += (model.scores(hidden).argmax(-1) == target)[on_object].sum().item()
+        logits = model(pixels)  # [batch, n_patch, outline_tokens + 1]
+        loss += model.loss(logits, target).item() * len(pixels)
+        on_object = target < model.cfg.outline_tokens
+        hits += (logits.argmax(-1) == target)[on_object].sum().item()
         count += on_object.sum().item()
     return {"token_loss": loss / len(images), "token_accuracy": hits / max(count, 1), "object_patches": count}
 
@@ -396,19 +322,14 @@ def train_image_encoder(
     held_out_tokens = tokenize(tokenizer, held_out)
     tokenizer_seconds = time.perf_counter() - started
 
-    model = TokenPredictionModel(cfg, tokenizer.n_tokens, generator)
+    model = TokenPredictionModel(cfg)
     before = token_metrics(model, held_out, held_out_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    code_stage_from = round(cfg.outline_stage * cfg.steps) if cfg.colour_tokens else cfg.steps
-    # each stage has its own warm-up and cosine decay: the codes are learnt at full learning rate
-    stages = [length for length in (code_stage_from, cfg.steps - code_stage_from) if length]
-    schedules = [lambda step, n=n: 1.0 if step < 0 else min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(step, n) / n)) for n in stages]
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedules[0](step) if step < stages[0] else schedules[-1](step - stages[0]))
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     order, position = torch.randperm(len(train), generator=generator), 0
     model.train()
     bar = tqdm(range(cfg.steps), desc="world encoder (images only, object tokens)", disable=not progress)
-    for step in bar:
-        model.use_codes = step >= code_stage_from
+    for _ in bar:
         if position + cfg.batch_size > len(order):  # next epoch
             order, position = torch.randperm(len(train), generator=generator), 0
         batch = order[position : position + cfg.batch_size]
@@ -426,7 +347,7 @@ def train_image_encoder(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.encoder.save_pretrained(out_dir)
     image_processor(cfg).save_pretrained(out_dir)
-    on_object = held_out_tokens[held_out_tokens < tokenizer.n_tokens - 1]
+    on_object = held_out_tokens[held_out_tokens < cfg.outline_tokens]
     metrics = {
         "eval_token_accuracy": after["token_accuracy"],
         "eval_token_loss": after["token_loss"],

@@ -24,14 +24,16 @@ PATCH_COVER = 0.3  # a patch belongs to the object that covers at least this sha
 
 
 def patch_labels(seed: int, n: int, scenes, patch_size: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
-    """Render n scenes of the "batch" stream and label each patch with the shape and colour of the
-    object covering it (-1: background).  -> (uint8 [n, H, W, 3], {"shape", "colour": long [n, n_patch]})"""
+    """Render n scenes of the "batch" stream and label each patch with the shape, colour and drawn
+    outline (glyph) of the object covering it (-1: background).
+    -> (uint8 [n, H, W, 3], {"shape", "colour", "glyph": long [n, n_patch]})"""
     scenes = generator.scene_config(scenes)
     size = scenes.image_size
     grid = size // patch_size
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     shape = torch.full((n, grid * grid), -1, dtype=torch.long)
     colour = torch.full((n, grid * grid), -1, dtype=torch.long)
+    glyph = torch.full((n, grid * grid), -1, dtype=torch.long)
     for i in range(n):
         scene, _ = generator.scene_at(seed, "batch", i, scenes)
         image, masks = generator.render(scene, size)
@@ -41,10 +43,11 @@ def patch_labels(seed: int, n: int, scenes, patch_size: int) -> tuple[np.ndarray
             on = torch.from_numpy(cover >= PATCH_COVER)
             shape[i, on] = generator.SHAPES.index(obj.shape)
             colour[i, on] = list(generator.COLOURS).index(obj.colour)
-    return images, {"shape": shape, "colour": colour}
+            glyph[i, on] = generator.SHAPES.index(obj.glyph or obj.shape)
+    return images, {"shape": shape, "colour": colour, "glyph": glyph}
 
 
-def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, n_classes: int, hidden: int = 0, steps: int = 400,
+def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, n_classes: int, hidden: int = 0, steps: int = 1000,
               seed: int = 0) -> torch.nn.Module:
     """A linear (hidden=0) or one-hidden-layer GELU probe, trained full-batch with Adam on
     standardised features."""
@@ -88,3 +91,41 @@ def shape_probes(features: torch.Tensor, labels: dict[str, torch.Tensor], hidden
         out[f"{name}_chance"] = round(y_all[test].bincount().max().item() / int(test.sum()), 4)
     out["n_test_patches"] = int(test.sum())
     return out
+
+
+@torch.no_grad()
+def write_norms(captioner, pixels: torch.Tensor) -> dict:
+    """How large what the projection and each layer's MLP write at the image positions are (the
+    direct path against the MLPs'), beside the norm of the embedded text prompt. Mean L2 norms over
+    images and positions. pixels: [batch, 3, H, W]."""
+    lm = captioner.lm
+    inputs = captioner.input_embeddings(pixels)  # [batch, n_img + n_text, d_lm]
+    n_image = captioner.n_image_tokens
+    mlp = {}
+    handles = [lm.mlp_out(layer).register_forward_hook(
+        lambda module, args, output, layer=layer: mlp.__setitem__(layer, output[:, :n_image].norm(dim=-1).mean().item()))
+        for layer in range(lm.n_layers)]
+    try:
+        lm.model(inputs_embeds=inputs.to(lm.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"prompt": inputs[:, :n_image].norm(dim=-1).mean().item(),
+            "text_embedding": inputs[:, n_image:].norm(dim=-1).mean().item(),
+            "mlp": [round(mlp[layer], 3) for layer in range(lm.n_layers)]}
+
+
+@torch.no_grad()
+def encoder_probes(encoder_dir, scenes, seed: int, n_images: int = 1600) -> dict:
+    """`shape_probes` of a saved world encoder on n_images fresh renders of seed `seed`."""
+    import mmn  # noqa: F401  (torchvision shim before transformers)
+    from transformers import BeitModel
+
+    from mmn.world.image_encoder import to_pixels
+
+    model = BeitModel.from_pretrained(encoder_dir).eval()
+    images, labels = patch_labels(seed, n_images, scenes, model.config.patch_size)
+    features = torch.cat([model(pixel_values=to_pixels(torch.from_numpy(images[start : start + 100]))).last_hidden_state[:, 1:]
+                          for start in range(0, n_images, 100)])  # [n, n_patch, hidden]
+    with torch.enable_grad():
+        return shape_probes(features, labels)
