@@ -13,12 +13,14 @@ outputs/world_lab/log.jsonl:
   at 1.5% of the units and at all of them: how much of p(c) the image-position MLPs carry;
 - the norms of what the projection and each layer's MLP write at the image positions.
 One training and one analysis of lab.images images: a few minutes on 2 cores with world=lab.
-Overrides go to train.py and analyze.py alike; the runs land in outputs/world_lab/<digest>/.
+Overrides go to train.py, and all but training.* and trainer.* to analyze.py; the runs land in
+outputs/world_lab/<digest>/.
 """
 
 import json
 import sys
 import time
+from pathlib import Path
 
 import mmn  # noqa: F401
 from mmn.analysis.run import analyze
@@ -35,24 +37,31 @@ SIZES = "[0%,1.5%,100%]"
 IMAGES = 48
 
 
-def main(overrides: list[str]) -> dict:
+def train_only(override: str) -> bool:
+    """training.* and trainer.* settings (and their groups) exist in train.py's config only."""
+    return override.lstrip("+~").split("=")[0].split(".")[0] in ("training", "trainer")
+
+
+def main(overrides: list[str], root: Path = ROOT) -> dict:
     started = time.perf_counter()
+    all_overrides = overrides
     cfg = compose(overrides)
     ensure_world(cfg)
     world = load_world(cfg.world.dir)
-    run_dir = ROOT / digest(overrides, world["config"])
+    run_dir = root / digest(overrides, world["config"])
     summary_path = run_dir / "training_summary.json"
     training = (json.loads(summary_path.read_text()) if summary_path.is_file()
                 else train(compose([*overrides, "logger=none", f"paths.output_dir={run_dir}"])))
     projection = run_dir / "projection"
+    overrides = [o for o in overrides if not train_only(o)]
     analysis = analyze(compose([*overrides, "logger=none", f"projection.checkpoint={projection}",
                                 f"images.n={IMAGES}", "ablation.positions=image", f"ablation.ks={SIZES}",
                                 f"paths.output_dir={run_dir / 'analysis'}"], config_name="analyze"))
     captioner = Captioner.from_config(compose([*overrides, f"projection.checkpoint={projection}"], config_name="analyze"))
     images = CocoImages(cfg.data.eval.root, cfg.data.eval.split, image_size=None)
-    pixels = captioner.preprocess([images[i]["image"] for i in range(16)])
+    pixels = captioner.preprocess([images[i]["image"] for i in range(min(16, len(images)))])
     result = {
-        "overrides": overrides,
+        "overrides": all_overrides,
         "probes": world["metrics"]["encoder"].get("probes"),
         "first_noun_accuracy": training["val/first_noun_accuracy"],
         "p_target_mean": analysis["p_target_mean"],
@@ -64,7 +73,7 @@ def main(overrides: list[str]) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(result, indent=2))
-    with open(ROOT / "log.jsonl", "a") as log:
+    with open(root / "log.jsonl", "a") as log:
         log.write(json.dumps(result) + "\n")
     return result
 

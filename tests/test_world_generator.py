@@ -241,3 +241,17 @@ def test_glyph_shift_draws_each_colours_shapes_in_a_rotated_order():
                          Background(kind="plain", tint="white"))
     green_square = Scene([WorldObject("square", "green", "large", (0.5, 0.5), 0.135)], Background(kind="plain", tint="white"))
     assert np.array_equal(np.asarray(render(green_circle, 100)[0]), np.asarray(render(green_square, 100)[0]))
+
+
+def test_leftmost_first_captions_name_the_leftmost_object_first():
+    cfg = SceneConfig(image_size=64, leftmost_first=True)
+    for index in range(60):
+        scene, rng = scene_at(4, "train", index, cfg)
+        leftmost = min(scene.objects, key=lambda o: o.center[0])
+        same_shape_at_left = {o.shape for o in scene.objects if o.center[0] == leftmost.center[0]}
+        caption = describe(scene, rng, leftmost_first=True)
+        assert first_shape(caption) in same_shape_at_left, (caption, scene.objects)
+    # without it the first noun is some object, not always the leftmost
+    misses = sum(first_shape(describe(s, r)) != min(s.objects, key=lambda o: o.center[0]).shape
+                 for s, r in (scene_at(4, "train", i, cfg) for i in range(60)))
+    assert misses > 5

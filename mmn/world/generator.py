@@ -92,12 +92,18 @@ class SceneConfig:
     max_placement_tries: int = 200  # then the best candidate is taken, overlap allowed
     captions_per_image: int = 5     # evaluation split, as COCO
     text_prefix_prob: float = 0.3   # share of text-corpus sentences with a TEXT_PREFIXES prefix
+    descriptions_per_text: tuple[float, ...] = (0.3, 0.5, 0.2)  # chances that a text describes its scene 1, 2, 3 times
     jpeg_quality: int = 95
     glyph_shift: bool = False       # each colour draws the shapes shifted along SHAPES (see `glyph_of`)
+    leftmost_first: bool = False    # captions name the objects from left to right (see `describe`)
 
     def __post_init__(self) -> None:
         self.shapes, self.colours, self.sizes, self.backgrounds = (
             tuple(self.shapes), tuple(self.colours), tuple(self.sizes), tuple(self.backgrounds))
+        self.descriptions_per_text = tuple(float(p) for p in self.descriptions_per_text)
+        if not self.descriptions_per_text or min(self.descriptions_per_text) < 0 or sum(self.descriptions_per_text) <= 0:
+            raise ValueError(f"SceneConfig.descriptions_per_text={self.descriptions_per_text}: chances of 1, 2, ... "
+                             "descriptions must be non-negative and not all zero")
         for name, values, known in [("shapes", self.shapes, SHAPES), ("colours", self.colours, COLOURS),
                                     ("sizes", self.sizes, SIZES), ("backgrounds", self.backgrounds, BACKGROUND_KINDS)]:
             unknown = [v for v in values if v not in known]
@@ -308,7 +314,7 @@ def render_batch(seed: int, n: int, cfg: SceneConfig | Mapping | None = None) ->
         scene, rng = scene_at(seed, "batch", i, cfg)
         image, _ = render(scene, cfg.image_size)
         images[i] = np.asarray(image)
-        captions.append(describe(scene, rng))
+        captions.append(describe(scene, rng, cfg.leftmost_first))
     return images, captions
 
 
@@ -362,9 +368,14 @@ def _position(obj: WorldObject) -> str:
     return "in the middle"
 
 
-def describe(scene: Scene, rng: np.random.Generator) -> str:
-    """A template caption. Its first noun is the shape of an object in the scene."""
+def describe(scene: Scene, rng: np.random.Generator, leftmost_first: bool = False) -> str:
+    """A template caption. Its first noun is the shape of an object in the scene: any of them, or,
+    with leftmost_first, the leftmost one (every caption then lists its objects left to right, so
+    the first noun is not a guess between the objects)."""
     objects = list(scene.objects)
+    def order(chosen: list[WorldObject]) -> list[WorldObject]:
+        return sorted(chosen, key=lambda o: o.center[0]) if leftmost_first else chosen
+
     groups = Counter((o.shape, o.colour) for o in objects)
 
     if len(objects) > 1 and len(groups) == 1:  # all identical: "two blue triangles"
@@ -395,12 +406,15 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
         (shape, colour), _ = groups.most_common(1)[0]
         odd = next(o for o in objects if (o.shape, o.colour) != (shape, colour))
         pair = f"{NUMBER_WORDS[2]} {colour} {PLURALS[shape]}"
-        if rng.random() < 0.5:
+        pair_first = rng.random() < 0.5
+        if leftmost_first:
+            pair_first = order(objects)[0] is not odd
+        if pair_first:
             return f"{pair} and {with_article(_noun_phrase(odd, rng))}"
         return f"{with_article(_noun_phrase(odd, rng))} and {pair}"
 
     if len(objects) == 2:
-        a, b = (objects[i] for i in rng.permutation(2))
+        a, b = order([objects[i] for i in rng.permutation(2)])
         style = rng.random()
         if a.shape == b.shape and style < 0.2:
             return f"two {PLURALS[a.shape]}, one {a.colour} and one {b.colour}"
@@ -415,10 +429,10 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
         phrases = [with_article(_noun_phrase(o, rng)) for o in ordered]
         return f"{phrases[0]}, {phrases[1]} and {phrases[2]}, from left to right"
     if style < 0.55:
-        a, b, c = (objects[i] for i in rng.permutation(3))
+        a, b, c = order([objects[i] for i in rng.permutation(3)])
         return (f"{with_article(_noun_phrase(a, rng))} {_relation(a, b, rng)} "
                 f"{with_article(_noun_phrase(b, rng))}, and {with_article(_noun_phrase(c, rng))}")
-    phrases = [with_article(_noun_phrase(objects[i], rng)) for i in rng.permutation(3)]
+    phrases = [with_article(_noun_phrase(o, rng)) for o in order([objects[i] for i in rng.permutation(3)])]
     return f"{phrases[0]}, {phrases[1]} and {phrases[2]}"
 
 
@@ -437,10 +451,11 @@ def text_corpus(n: int, seed: int, cfg: SceneConfig | Mapping | None = None) -> 
     documents = []
     for i in range(n):
         scene, rng = scene_at(seed, "text", i, cfg)
-        n_descriptions = int(rng.choice([1, 2, 3], p=[0.3, 0.5, 0.2]))
+        chances = cfg.descriptions_per_text
+        n_descriptions = int(rng.choice(np.arange(1, len(chances) + 1), p=np.asarray(chances) / sum(chances)))
         sentences = []
         for j in range(n_descriptions):
-            caption = describe(scene, rng)
+            caption = describe(scene, rng, cfg.leftmost_first)
             if j > 0 or rng.random() < cfg.text_prefix_prob:
                 prefix = str(rng.choice(TEXT_PREFIXES))
                 if prefix in ("This is", "Here is") and caption.split()[0] in NUMBER_WORDS.values():
@@ -498,7 +513,7 @@ def write_training_shards(out_dir: str | Path, n_images: int, seed: int,
                 key = f"{shard_index:05d}{i - start:0{index_digits}d}"
                 scene, rng = scene_at(seed, "train", i, cfg)
                 image, _ = render(scene, cfg.image_size)
-                caption = describe(scene, rng)
+                caption = describe(scene, rng, cfg.leftmost_first)
                 jpeg = io.BytesIO()
                 image.save(jpeg, format="JPEG", quality=cfg.jpeg_quality)
                 meta = {"key": key, "caption": caption, "width": cfg.image_size, "height": cfg.image_size,
@@ -517,12 +532,12 @@ def write_training_shards(out_dir: str | Path, n_images: int, seed: int,
     return paths
 
 
-def eval_captions(scene: Scene, rng: np.random.Generator, n: int) -> list[str]:
+def eval_captions(scene: Scene, rng: np.random.Generator, n: int, leftmost_first: bool = False) -> list[str]:
     """n captions of one scene, all different where the templates allow; when fewer fit the
     scene (e.g. "two blue triangles"), the different ones repeat in turn."""
     distinct: list[str] = []
     for _ in range(20 * n):
-        caption = describe(scene, rng)
+        caption = describe(scene, rng, leftmost_first)
         if caption not in distinct:
             distinct.append(caption)
         if len(distinct) == n:
@@ -568,7 +583,7 @@ def write_coco_split(out_dir: str | Path, n_images: int, seed: int,
                               "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
                               "area": int(mask.sum()), "bbox": bbox, "iscrowd": 0,
                               "colour": obj.colour, "size": obj.size})
-        for caption in eval_captions(scene, rng, cfg.captions_per_image):
+        for caption in eval_captions(scene, rng, cfg.captions_per_image, cfg.leftmost_first):
             captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": caption})
     categories = [{"id": category_ids[s], "name": s, "supercategory": "shape"} for s in SHAPES]
     instances_path = annotation_dir / f"instances_{split}.json"
@@ -605,7 +620,7 @@ def generate(out_dir: str | Path, *, n_train: int, n_eval: int, seed: int,
             sizes.update(o.size for o in scene.objects)
             backgrounds[scene.background.kind] += 1
             per_image[len(scene.objects)] += 1
-            caption = describe(scene, rng)
+            caption = describe(scene, rng, cfg.leftmost_first)
             vocabulary.update(caption.replace(",", " ").split())
             if len(examples) < 10:
                 examples.append(caption)
