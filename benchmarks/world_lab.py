@@ -24,7 +24,7 @@ from pathlib import Path
 
 import mmn  # noqa: F401
 from mmn.analysis.run import analyze
-from mmn.config import CONFIG_DIR, compose, digest
+from mmn.config import CONFIG_DIR, analysis_overrides, compose, digest
 from mmn.data.coco import CocoImages
 from mmn.models.captioner import Captioner
 from mmn.training import train
@@ -35,11 +35,6 @@ from mmn.world.probes import write_norms
 ROOT = CONFIG_DIR.parent / "outputs" / "world_lab"
 SIZES = "[0%,1.5%,100%]"
 IMAGES = 48
-
-
-def train_only(override: str) -> bool:
-    """training.* and trainer.* settings (and their groups) exist in train.py's config only."""
-    return override.lstrip("+~").split("=")[0].split(".")[0] in ("training", "trainer")
 
 
 def main(overrides: list[str], root: Path = ROOT) -> dict:
@@ -53,7 +48,7 @@ def main(overrides: list[str], root: Path = ROOT) -> dict:
     training = (json.loads(summary_path.read_text()) if summary_path.is_file()
                 else train(compose([*overrides, "logger=none", f"paths.output_dir={run_dir}"])))
     projection = run_dir / "projection"
-    overrides = [o for o in overrides if not train_only(o)]
+    overrides = analysis_overrides(overrides)
     analysis = analyze(compose([*overrides, "logger=none", f"projection.checkpoint={projection}",
                                 f"images.n={IMAGES}", "ablation.positions=image", f"ablation.ks={SIZES}",
                                 f"paths.output_dir={run_dir / 'analysis'}"], config_name="analyze"))

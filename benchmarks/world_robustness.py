@@ -8,8 +8,9 @@ projection is then captioned on the evaluation images (`analyze.py` with attribu
 ablation, so only captions and p(c) are computed). Prints one row per run, then the lowest of
 each column: the issue's bar is first-noun accuracy >= 0.90 (none below 0.85) and p(c) >= 0.5.
 
-Runs go to outputs/world_robustness/<run>/ and are kept, so a killed run resumes from its last
-checkpoint when started again (train.py's resume) and finished ones are read back, not redone.
+Runs go to outputs/world_robustness/<digest of the overrides>/<run>/ and are kept, so a killed
+run resumes from its last checkpoint when started again (train.py's resume) and finished ones are
+read back, not redone.
 """
 
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import mmn  # noqa: F401
 from mmn.analysis.run import analyze
-from mmn.config import CONFIG_DIR, compose
+from mmn.config import CONFIG_DIR, analysis_overrides, compose, digest
 from mmn.training import train
 
 RUNS = {  # name -> overrides
@@ -30,8 +31,8 @@ RUNS = {  # name -> overrides
 ROOT = CONFIG_DIR.parent / "outputs" / "world_robustness"
 
 
-def run(name: str, overrides: list[str], common: list[str]) -> dict:
-    run_dir = ROOT / name
+def run(name: str, overrides: list[str], common: list[str], root: Path) -> dict:
+    run_dir = root / name
     summary_path = run_dir / "training_summary.json"
     if summary_path.is_file():
         training = json.loads(summary_path.read_text())
@@ -39,7 +40,7 @@ def run(name: str, overrides: list[str], common: list[str]) -> dict:
         last = run_dir / "checkpoints" / "last.ckpt"
         resume = [f"ckpt_path={last}"] if last.is_file() else []
         training = train(compose([*common, *overrides, *resume, f"paths.output_dir={run_dir}"]))
-    analysis = analyze(compose([*common, f"projection.checkpoint={run_dir / 'projection'}", "attribution=act",
+    analysis = analyze(compose([*analysis_overrides(common), f"projection.checkpoint={run_dir / 'projection'}", "attribution=act",
                                 "ablation.ks=[0]", "top_n=1", f"paths.output_dir={run_dir / 'analysis'}"],
                                config_name="analyze"))
     return {"run": name, "precision": training.get("precision"), "first_noun_accuracy": training["val/first_noun_accuracy"],
@@ -48,15 +49,17 @@ def run(name: str, overrides: list[str], common: list[str]) -> dict:
 
 
 def main(overrides: list[str]) -> None:
-    common = [*overrides, "logger=none"]
-    rows = [run(name, extra, common) for name, extra in RUNS.items()]
+    common, root = [*overrides, "logger=none"], ROOT / digest(overrides)
+    rows = [run(name, extra, common, root) for name, extra in RUNS.items()]
     print(f"{'run':<12} {'precision':<11} {'first-noun acc':>14} {'mean p(c)':>10} {'val loss':>9}")
     for row in rows:
         print(f"{row['run']:<12} {str(row['precision']):<11} {row['first_noun_accuracy']:>14.3f} "
               f"{row['p_target_mean']:>10.3f} {row['val_loss'] or float('nan'):>9.3f}")
-    print(f"lowest: first-noun accuracy {min(r['first_noun_accuracy'] for r in rows):.3f}, "
-          f"mean p(c) {min(r['p_target_mean'] for r in rows):.3f}")
-    (ROOT / "robustness.json").write_text(json.dumps(rows, indent=2))
+    lowest = {key: min((r[key] for r in rows if r[key] == r[key]), default=float("nan"))  # nan: no image analysed
+              for key in ("first_noun_accuracy", "p_target_mean")}
+    print(f"lowest: first-noun accuracy {lowest['first_noun_accuracy']:.3f}, mean p(c) {lowest['p_target_mean']:.3f}")
+    (root / "robustness.json").write_text(json.dumps(rows, indent=2))
+    print(f"runs and robustness.json: {root}")
 
 
 if __name__ == "__main__":

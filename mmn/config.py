@@ -72,3 +72,9 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
 
 
 register_resolvers()
+
+
+def analysis_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides that also apply to analyze.yaml: all but the training recipe and the trainer
+    (`training=...`, `training.lr=...`, `trainer.precision=...`), which only train.py's config has."""
+    return [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] not in ("training", "trainer")]

@@ -4,7 +4,7 @@ encoder probes, the captioner's accuracy, image-position ablations and what P an
 import importlib.util
 import json
 
-from mmn.config import CONFIG_DIR
+from mmn.config import CONFIG_DIR, analysis_overrides
 
 spec = importlib.util.spec_from_file_location("world_lab", CONFIG_DIR.parent / "benchmarks" / "world_lab.py")
 world_lab = importlib.util.module_from_spec(spec)
@@ -22,4 +22,4 @@ def test_world_lab_reports_what_causes_what(tiny_world, tmp_path):
     assert result["image_positions"]["top/k=256/delta_p"] == result["image_positions"]["random/k=256/delta_p"]
     assert result["norms"]["prompt"] > 0 and len(result["norms"]["mlp"]) == 2
     assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1]) == json.loads(json.dumps(result))
-    assert not world_lab.train_only("world.seed=1") and world_lab.train_only("training=tiny")
+    assert analysis_overrides(["world.seed=1", "training=tiny", "training.lr=0.1", "+trainer.x=1"]) == ["world.seed=1"]

@@ -230,9 +230,9 @@ def world_summary(info: Mapping) -> str:
         f"  encoder (BEiT, images only, object tokens): held-out token loss {enc['eval_token_loss']:.3f} "
         f"(untrained {enc['eval_token_loss_untrained']:.2f}); token accuracy on object patches "
         f"{enc['eval_token_accuracy']:.2f} (the most common token: {enc['baseline_majority_token']:.2f})",
-        *([f"        probes of each patch's shape: linear {enc['probes']['shape_linear']:.2f}, MLP "
-           f"{enc['probes']['shape_mlp']:.2f} (chance {enc['probes']['shape_chance']:.2f}); of its colour: linear "
-           f"{enc['probes']['colour_linear']:.2f}"] if "probes" in enc else []),
+        f"        probes of each patch's shape: linear {enc['probes']['shape_linear']:.2f}, MLP "
+        f"{enc['probes']['shape_mlp']:.2f} (chance {enc['probes']['shape_chance']:.2f}); of its colour: linear "
+        f"{enc['probes']['colour_linear']:.2f}",
         f"  CLIP (open_clip, pairs): held-out retrieval top-1 image->text {clip['i2t_top1']:.2f}, "
         f"text->image {clip['t2i_top1']:.2f} among {round(1 / clip['chance'])} (chance {clip['chance']:.2f}; "
         f"untrained {clip['i2t_top1_untrained']:.2f} / {clip['t2i_top1_untrained']:.2f})",

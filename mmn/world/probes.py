@@ -70,7 +70,7 @@ def _accuracy(probe: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
 
 
 def shape_probes(features: torch.Tensor, labels: dict[str, torch.Tensor], hidden: int = 256) -> dict:
-    """Linear and MLP probes of shape (and, for reference, colour) on object patches.
+    """Linear and MLP probes of each label (shape; colour and glyph for reference) on object patches.
 
     features: [n, n_patch, d]; labels from `patch_labels`. Probes train on the first half of the
     images and are scored on the patches of the second half (held-out objects)."""
