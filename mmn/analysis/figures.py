@@ -19,7 +19,8 @@ ARM_STYLE = {"top": ("multimodal neurons (top units)", "tab:red"),
 
 
 def ablation_curves(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
-    """curves: one row per (arm, k) with mean and standard error of delta_p and bertscore."""
+    """curves: one row per (arm, k) with its share of the units and the mean and standard error of
+    delta_p and bertscore."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for arm, rows in curves.groupby("arm", sort=False):
         label, color = ARM_STYLE.get(arm, (arm, None))
@@ -31,8 +32,8 @@ def ablation_curves(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
     ks = sorted(curves["k"].unique())
     for axis in (left, right):
         axis.set_xscale("symlog", linthresh=50)
-        shares = curves.drop_duplicates("k").set_index("k")["share"] if "share" in curves else {}
-        axis.set_xticks(ks, [f"{k}\n{shares[k]:.1%}" if k in shares else str(k) for k in ks], rotation=45, fontsize=7)
+        shares = curves.drop_duplicates("k").set_index("k")["share"]
+        axis.set_xticks(ks, [f"{k}\n{shares[k]:.1%}" for k in ks], rotation=45, fontsize=7)
         axis.minorticks_off()
         axis.set_xlabel("units ablated (k, and share of the analysed units)")
         axis.grid(alpha=0.3)
