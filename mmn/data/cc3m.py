@@ -25,7 +25,6 @@ yields no image at all raises ValueError ("dataset with no usable image").
 from __future__ import annotations
 
 import glob as globlib
-import io
 import json
 import logging
 import tarfile
@@ -35,6 +34,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from mmn.data.images import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -161,12 +162,7 @@ class ImageTextPairs(torch.utils.data.IterableDataset):
                 value = payload
         if value is None:
             raise ValueError("no image")
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            image = Image.open(io.BytesIO(bytes(value)))
-        else:
-            image = Image.open(value)
-        image.load()  # decode now: a truncated file fails here, not later in a worker
-        return image.convert("RGB")
+        return decode_image(value)
 
     def _skip(self, key: str, reason: str) -> None:
         self.skipped += 1
