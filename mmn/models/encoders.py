@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("beit", "open_clip", "timm")
 RESIZE_MODES = ("squash", "center_crop")
+# the file a local model folder of each kind holds (timm loads models by name only)
+CONFIG_FILES = {"beit": "config.json", "open_clip": "open_clip_config.json"}
 DEFAULT_NAMES = {
     "beit": "microsoft/beit-large-patch16-224-pt22k",
     "open_clip": "RN50x16",
@@ -412,7 +414,9 @@ def _load_timm(name: str, pretrained: bool, resize_mode, dtype: torch.dtype, **k
 
 
 def _looks_local(name: str) -> bool:
-    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") >= 2
+    from mmn.models.lm import looks_like_local_path  # one rule for what is a local path, LMs' and encoders'
+
+    return looks_like_local_path(name)
 
 
 def _resolve_local(name: str, what: str) -> str:
