@@ -33,6 +33,13 @@ class CaptionTargets:
     n_prompt: int  # positions of the prompt: image prompts first, then "A picture of"
 
 
+def untargeted_row(caption: str = "", skip_reason: str | None = None) -> dict:
+    """A captions row without a target: skipped, with its reason (set once it is known). Images
+    that could not be read at all get one as well, so the table keeps one kind of row."""
+    return {"caption": caption, "noun": None, "target_id": -1, "target_token": None, "target_index": -1,
+            "p_target": float("nan"), "skipped": True, "skip_reason": skip_reason}
+
+
 @torch.no_grad()
 def caption_targets(captioner: Captioner, pixels: Tensor, finder: FirstNounFinder,
                     max_new_tokens: int = 20) -> CaptionTargets:
@@ -43,8 +50,7 @@ def caption_targets(captioner: Captioner, pixels: Tensor, finder: FirstNounFinde
     rows, kept, prefixes = [], [], []
     for b, ids in enumerate(captioner.lm.greedy(prompt, max_new_tokens)):
         caption = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        row = {"caption": caption, "caption_ids": ids, "noun": None, "target_id": -1, "target_token": None,
-               "target_index": -1, "p_target": float("nan"), "skipped": True, "skip_reason": None}
+        row = untargeted_row(caption) | {"caption_ids": ids}
         target = find_target(tokenizer, ids, finder) if caption else None
         if not caption:
             row["skip_reason"] = "empty caption"

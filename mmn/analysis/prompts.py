@@ -145,7 +145,15 @@ def prompt_decoding(cfg) -> dict:
     from mmn.analysis.clipscore import ClipScorer
     from mmn.analysis.figures import score_distributions
     from mmn.analysis.results import ResultStore, write_json, write_parquet
-    from mmn.analysis.run import depends_on, image_batches, prepare_run, resolve_device, shard_finished
+    from mmn.analysis.run import (
+        check_count,
+        depends_on,
+        image_batches,
+        prepare_run,
+        read_images,
+        resolve_device,
+        shard_finished,
+    )
     from mmn.analysis.scoring import score_texts
     from mmn.models.captioner import Captioner
     from mmn.models.targets import get_finder
@@ -153,28 +161,39 @@ def prompt_decoding(cfg) -> dict:
 
     if cfg.decoding.random_norm not in ("matched", "standard"):
         raise ValueError(f"decoding.random_norm={cfg.decoding.random_norm!r} is unknown; use matched or standard")
+    check_count("decoding.top_k", cfg.decoding.top_k)
     started = time.perf_counter()
     run_dir, images, n_images = prepare_run(cfg)
     clip = ClipScorer(cfg.scoring.clip_model, cfg.scoring.clip_pretrained)
     bertscore = BertScorer(cfg.bertscore.model, cfg.bertscore.num_layers)
     captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
     finder = get_finder(cfg.first_noun)
-    store = ResultStore(run_dir, depends_on(cfg, ("decoding", "scoring", "bertscore")), tables=("scores",))
+    # images: one row per image, skipped (with the reason) when it could not be read
+    store = ResultStore(run_dir, depends_on(cfg, ("decoding", "scoring", "bertscore")), tables=("images", "scores"))
     batches = image_batches(n_images, cfg.images.batch_size)
     for index in tqdm(store.todo(len(batches), cfg.shard), desc="prompt decoding", unit="batch"):
-        items = [images[i] for i in batches[index]]
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)  # per batch: a resumed run draws alike
-        rows = texts_to_score(captioner, items, finder, generator, cfg.decoding.top_k,
-                              cfg.decoding.random_norm == "matched", cfg.max_new_tokens)
-        store.write_batch(index, {"scores": score_texts(rows, items, clip, bertscore)})
+        items, skipped = read_images(images, batches[index])
+        scores = pd.DataFrame()
+        if items:
+            # seeded per batch: a resumed run draws the same random vectors
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+            rows = texts_to_score(captioner, items, finder, generator, cfg.decoding.top_k,
+                                  cfg.decoding.random_norm == "matched", cfg.max_new_tokens)
+            scores = score_texts(rows, items, clip, bertscore)
+        read = [{"image_id": item["image_id"], "file_name": item["file_name"], "skipped": False, "skip_reason": None}
+                for item in items]
+        store.write_batch(index, {"scores": scores,
+                                  "images": pd.DataFrame(sorted(read + skipped, key=lambda row: row["image_id"]))})
 
     if not store.complete(len(batches)):
         return shard_finished(cfg, store, len(batches))
-    scores = store.merge()["scores"]
-    per_image, table, tests = table2(scores)
+    tables = store.merge()
+    per_image, table, tests = table2(tables["scores"])
     write_parquet(per_image, run_dir / "per_image.parquet")
     write_parquet(table, run_dir / "table2.parquet")
-    summary = {"images": int(per_image["image_id"].nunique()), "seconds": round(time.perf_counter() - started, 1)}
+    summary = {"images": int(per_image["image_id"].nunique()), "images_skipped": int(tables["images"]["skipped"].sum()),
+               "skip_reasons": tables["images"]["skip_reason"].dropna().value_counts().to_dict(),
+               "seconds": round(time.perf_counter() - started, 1)}
     for row in table.itertuples():
         summary |= {f"{row.kind}/clipscore": row.clipscore_mean, f"{row.kind}/bertscore": row.bertscore_mean}
     for name, test in tests.items():

@@ -222,6 +222,8 @@ class TopUnits:
         from mmn.analysis.run import attribution_options
 
         captioner, cfg = self.captioner, self.cfg
+        if not items:  # a batch whose every image was unreadable
+            return []
         targets = caption_targets(captioner, captioner.preprocess([item["image"] for item in items]), self.finder,
                                   cfg.max_new_tokens)
         found = [{"image_id": item["image_id"], "noun": row["noun"], "units": None, "skip_reason": row["skip_reason"]}
@@ -264,18 +266,27 @@ def receptive_field_experiment(cfg) -> dict:
     from mmn.analysis.figures import iou_bars
     from mmn.analysis.neurons import neuron_name
     from mmn.analysis.results import ResultStore, write_json, write_parquet
-    from mmn.analysis.run import check_settings, depends_on, image_batches, prepare_run, resolve_device, shard_finished
+    from mmn.analysis.run import (
+        check_count,
+        check_settings,
+        depends_on,
+        image_batches,
+        prepare_run,
+        read_images,
+        resolve_device,
+        shard_finished,
+    )
     from mmn.models.captioner import Captioner
     from mmn.training.loggers import finish, log_results, make_loggers
 
     settings = cfg.receptive_fields
     check_settings(cfg)
-    if not 0.0 <= settings.quantile < 1.0:
-        raise ValueError(f"receptive_fields.quantile={settings.quantile} must be in [0, 1)")
-    if settings.units < 1:
-        raise ValueError(f"receptive_fields.units={settings.units} must be at least 1")
+    if not isinstance(settings.quantile, (int, float)) or not 0.0 <= settings.quantile < 1.0:
+        raise ValueError(f"receptive_fields.quantile={settings.quantile!r} must be in [0, 1)")
+    check_count("receptive_fields.units", settings.units)
+    check_count("receptive_fields.heatmaps", settings.heatmaps, minimum=0)
     started = time.perf_counter()
-    run_dir, images, _ = prepare_run(cfg)
+    run_dir, images, _ = prepare_run(cfg, masks=True)
     ids = single_object_ids(images, settings.categories, cfg.images.n)
     captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
     top_units = TopUnits(captioner, cfg)
@@ -283,7 +294,7 @@ def receptive_field_experiment(cfg) -> dict:
                         tables=("ious", "images"))
     batches = image_batches(len(ids), cfg.images.batch_size)
     for index in tqdm(store.todo(len(batches), cfg.shard), desc="receptive fields", unit="batch"):
-        items = [images[images.index_of(ids[i])] for i in batches[index]]
+        items, unreadable = read_images(images, [images.index_of(ids[i]) for i in batches[index]])
         found = top_units(items, settings.units, settings.interpretable)
         kept = [(item, f) for item, f in zip(items, found) if f["units"] is not None]
         rows, skipped = [], []
@@ -298,6 +309,9 @@ def receptive_field_experiment(cfg) -> dict:
                                                                      if f["units"] is None}
         image_rows = [{"image_id": f["image_id"], "noun": f["noun"], "skipped": f["image_id"] in reasons,
                        "skip_reason": reasons.get(f["image_id"])} for f in found]
+        image_rows += [{"image_id": u["image_id"], "noun": None, "skipped": True, "skip_reason": u["skip_reason"]}
+                       for u in unreadable]
+        image_rows.sort(key=lambda row: row["image_id"])  # image order, as the ids are
         store.write_batch(index, {"ious": pd.DataFrame(rows), "images": pd.DataFrame(image_rows)})
 
     if not store.complete(len(batches)):
@@ -310,6 +324,7 @@ def receptive_field_experiment(cfg) -> dict:
     means = per_category.pivot(index="category", columns="arm", values="mean") if len(per_category) else None
     # images without exactly one annotated object (none, or several) are never chosen; count them
     summary = {"images": len(tables["images"]), "images_skipped": int(tables["images"]["skipped"].sum()),
+               "skip_reasons": tables["images"]["skip_reason"].dropna().value_counts().to_dict(),
                "images_not_single_object": len(images) - len(images.single_object_ids()),
                "seconds": round(time.perf_counter() - started, 1)}
     if means is not None:

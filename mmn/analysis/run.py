@@ -1,9 +1,10 @@
 """`python analyze.py`: the paper's core procedure (sections 2 and 3.3) on a trained captioner.
 
     analyze(cfg)
-      0. check the settings (method, layers, filter, ablation, images) before anything loads
+      0. check the settings (method, filter, ablation, images, device, model paths) before anything loads
       1. the Shapes world when the config points into it; the captioner with its trained projection
-      2. per batch of images, skipping batches already on disk:
+      2. per batch of images, skipping batches already on disk (an image that cannot be read is a
+         recorded skip, read_images):
            caption greedily, find c and p(c)                             captions.py
            attribute y^c to every (layer, unit, patch)                    attribution.py
            the top N triples per image, decoded, interpretable or not     neurons.py
@@ -32,13 +33,13 @@ from tqdm.auto import tqdm
 
 from mmn.analysis.ablation import ARMS, MODES, ablation_settings, ablation_sweep, mean_activations, resolve_sizes
 from mmn.analysis.attribution import IG_RULES, METHODS, attribute
-from mmn.analysis.captions import caption_targets
+from mmn.analysis.captions import caption_targets, untargeted_row
 from mmn.analysis.figures import ablation_curves, layer_distribution
 from mmn.analysis.filter import InterpretableFilter, check_filter
 from mmn.analysis.neurons import UnitDecoder, neuron_name, top_triples, unit_ranking
 from mmn.analysis.results import ResultStore, atomic_write, parse_shard, write_json, write_parquet
 from mmn.config import digest, files_fingerprint, offline_run_environment
-from mmn.data.coco import CocoImages
+from mmn.data.coco import CocoImages, UnusableImage
 from mmn.models.captioner import Captioner
 from mmn.models.targets import get_finder
 from mmn.training.loggers import finish, log_results, make_loggers
@@ -49,8 +50,66 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- settings
 
+def check_count(key: str, value, minimum: int = 1) -> None:
+    """A setting that counts something (images per batch, rows per pass, ...) must be a whole
+    number of at least `minimum`; the error names the key and the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r} must be a whole number >= {minimum}")
+
+
+def available_devices() -> list[str]:
+    """The values of `device` this machine can run: auto, cpu, and the accelerators it has."""
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """The settings every analysis recipe shares (prepare_run checks them first): the shard, the
+    images, the caption length and the device; each error names its key and its value."""
+    parse_shard(cfg.get("shard"))
+    n = cfg.images.n
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"images.n={n!r}: the image set is empty; use a positive count or null for all")
+    check_count("images.batch_size", cfg.images.batch_size)
+    check_count("max_new_tokens", cfg.max_new_tokens)
+    if str(cfg.device) not in available_devices():
+        raise ValueError(f"device={cfg.device!r} is not available on this machine; available: "
+                         f"{', '.join(available_devices())}")
+
+
+def check_model_paths(cfg: DictConfig) -> None:
+    """A model path that looks like a local folder (mmn.models.lm.looks_like_local_path, the
+    loaders' own rule) must be a folder holding the model's config file. Said now, with its key,
+    before the projection look-up, which would only say that no projection was trained for it."""
+    from mmn.models.encoders import CONFIG_FILES
+    from mmn.models.lm import looks_like_local_path
+
+    kind = cfg.encoder.kind
+    for group, config_file, what in (("lm", "config.json", "language model"),
+                                     ("encoder", CONFIG_FILES.get(kind), f"{kind} encoder")):
+        value = cfg[group].name_or_path
+        name = str(value).removeprefix("local-dir:")  # open_clip's schema for a local folder
+        if value is None or name.startswith("hf-hub:") or not looks_like_local_path(name):
+            continue  # a hub id or a model name, which the loader resolves
+        path = Path(name).expanduser()
+        if not path.exists():
+            problem = "no such folder"
+        elif not path.is_dir():
+            problem = "not a folder"
+        elif config_file and not (path / config_file).is_file():
+            problem = f"the folder holds no {config_file}, so it is not a saved {what}"
+        else:
+            continue
+        raise FileNotFoundError(f"{group}.name_or_path={value}: {problem}")
+
+
 def check_settings(cfg: DictConfig) -> None:
-    """Everything that can be checked before a model loads; each error names its key."""
+    """The analysis settings (method, filter, ablation, top_n), checked before anything loads;
+    each error names its key. The settings every recipe shares: check_run_settings."""
     method = cfg.attribution.method
     if method not in METHODS:
         raise ValueError(f"attribution.method={method!r} is unknown; use one of {METHODS} "
@@ -58,21 +117,25 @@ def check_settings(cfg: DictConfig) -> None:
     if method == "ig":
         if cfg.attribution.rule not in IG_RULES:
             raise ValueError(f"attribution.rule={cfg.attribution.rule!r} is unknown; use one of {IG_RULES}")
-        if cfg.attribution.steps < 2:
-            raise ValueError(f"attribution.steps={cfg.attribution.steps} must be at least 2")
+        check_count("attribution.steps", cfg.attribution.steps, minimum=2)
+        if cfg.attribution.steps_per_pass is not None:
+            check_count("attribution.steps_per_pass", cfg.attribution.steps_per_pass)
     check_filter(cfg.filter.top_k, cfg.filter.min_words, cfg.filter.min_letters)
     if cfg.ablation.mode not in MODES:
         raise ValueError(f"ablation.mode={cfg.ablation.mode!r} is unknown; use one of {MODES}")
     if cfg.ablation.positions not in ("all", "image"):
         raise ValueError(f"ablation.positions={cfg.ablation.positions!r} is unknown; use all or image")
+    if not OmegaConf.is_list(cfg.ablation.ks):  # a bare `ablation.ks=abc` would be read letter by letter
+        raise ValueError(f"ablation.ks={cfg.ablation.ks!r} must be a list of unit counts or shares, "
+                         f"e.g. ablation.ks=[0,100,1.5%]")
     try:
         resolve_sizes(list(cfg.ablation.ks), 1)
     except ValueError as error:
         raise ValueError(f"ablation.ks={list(cfg.ablation.ks)}: {error}") from None
-    if cfg.images.n is not None and cfg.images.n < 1:
-        raise ValueError(f"images.n={cfg.images.n}: the image set is empty; use a positive count or null for all")
-    if cfg.top_n < 1:
-        raise ValueError(f"top_n={cfg.top_n} must be at least 1")
+    check_count("ablation.rows_per_pass", cfg.ablation.rows_per_pass)
+    if cfg.ablation.mode == "mean":
+        check_count("ablation.reference_images", cfg.ablation.reference_images)
+    check_count("top_n", cfg.top_n)
 
 
 def resolve_layers(layers: DictConfig, n_layers: int) -> list[int]:
@@ -116,8 +179,23 @@ def attribution_options(cfg: DictConfig) -> dict:
             "steps_per_pass": cfg.attribution.steps_per_pass}
 
 
-def analyze_batch(captioner: Captioner, images: list[dict], cfg: DictConfig, layers: list[int], ks: list[int],
-                  decoder: UnitDecoder, scorer, means, finder, batch_index: int) -> dict[str, pd.DataFrame]:
+def captions_table(rows: list[dict], skipped: list[dict], batch_index: int) -> pd.DataFrame:
+    """A batch's captions rows, with a row for each image that could not be read (read_images), in
+    image order (the images' ids are sorted, and batches take them in order)."""
+    rows = [{k: v for k, v in row.items() if k != "caption_ids"} for row in rows]
+    rows += [untargeted_row(skip_reason=s["skip_reason"]) | {"image_id": s["image_id"], "file_name": s["file_name"]}
+             for s in skipped]
+    return pd.DataFrame([row | {"batch": batch_index} for row in sorted(rows, key=lambda row: row["image_id"])])
+
+
+def analyze_batch(captioner: Captioner, images: list[dict], skipped: list[dict], cfg: DictConfig, layers: list[int],
+                  ks: list[int], decoder: UnitDecoder, scorer, means, finder, batch_index: int
+                  ) -> dict[str, pd.DataFrame]:
+    """The tables of one batch: `images` the items read, `skipped` the skip rows of those that
+    could not be (read_images)."""
+    if not images:  # every image of the batch unreadable: only their rows
+        return {"captions": captions_table([], skipped, batch_index), "neurons": pd.DataFrame(),
+                "ablation": pd.DataFrame()}
     lm = captioner.lm
     pixels = captioner.preprocess([item["image"] for item in images])
     targets = caption_targets(captioner, pixels, finder, cfg.max_new_tokens)
@@ -166,9 +244,8 @@ def analyze_batch(captioner: Captioner, images: list[dict], cfg: DictConfig, lay
         f1 = scorer([r["caption"] for r in ablation], [r["original_caption"] for r in ablation])
         for r, score in zip(ablation, f1):
             r["bertscore"] = score
-    captions = pd.DataFrame([{k: v for k, v in row.items() if k != "caption_ids"} | {"batch": batch_index}
-                             for row in targets.rows])
-    return {"captions": captions, "neurons": pd.DataFrame(neurons), "ablation": pd.DataFrame(ablation)}
+    return {"captions": captions_table(targets.rows, skipped, batch_index), "neurons": pd.DataFrame(neurons),
+            "ablation": pd.DataFrame(ablation)}
 
 
 # ----------------------------------------------------------------------------- summary
@@ -202,24 +279,29 @@ def summarize(tables: dict[str, pd.DataFrame], curves: pd.DataFrame, seconds: fl
 
 # ----------------------------------------------------------------------------- analyze
 
-def prepare_run(cfg: DictConfig) -> tuple[Path, CocoImages, int]:
-    """What every analysis run does first: its run directory (W&B offline files inside it), the
-    Shapes world when the config points into it, the projection checkpoint resolved, and the
-    evaluation images.  -> (run_dir, images, how many of them to analyse)"""
+def prepare_run(cfg: DictConfig, masks: bool = False) -> tuple[Path, CocoImages, int]:
+    """What every analysis run does first: the shared settings checked (check_run_settings), its
+    run directory (W&B offline files inside it), the Shapes world when the config points into it,
+    the model paths checked and the projection checkpoint resolved, and the evaluation images
+    (with their masks when `masks`).  -> (run_dir, images, how many of them to analyse)"""
     if cfg.paths.output_dir is None:
         raise ValueError("paths.output_dir is not set: run through the entry point (Hydra sets it) or pass it")
-    parse_shard(cfg.get("shard"))  # a bad shard fails before anything loads
+    check_run_settings(cfg)  # bad values fail before anything is built or loaded
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     offline_run_environment(run_dir)
     if cfg.logger.kind == "wandb":
         os.environ["WANDB_MODE"] = cfg.logger.mode
     if uses_world(cfg):
-        ensure_world(cfg)
+        ensure_world(cfg)  # before the model paths are checked: the world's parts live in its folder
+    check_model_paths(cfg)
     if cfg.projection.checkpoint == "latest":
         with open_dict(cfg):
             cfg.projection.checkpoint = str(latest_projection(cfg))
-    images = CocoImages(cfg.data.eval.root, cfg.data.eval.split, image_size=None)
+    elif cfg.projection.checkpoint is not None and not Path(cfg.projection.checkpoint).exists():
+        raise FileNotFoundError(f"projection.checkpoint={cfg.projection.checkpoint}: no such folder or file; pass "
+                                f"a folder train.py wrote, LiMBeR's proj.ckpt, or latest")
+    images = CocoImages(cfg.data.eval.root, cfg.data.eval.split, image_size=None, masks=masks)
     n_images = len(images) if cfg.images.n is None else min(cfg.images.n, len(images))
     if n_images == 0:
         raise ValueError(f"data.eval.root={cfg.data.eval.root} split {cfg.data.eval.split} holds no images")
@@ -252,6 +334,22 @@ def image_batches(n_images: int, batch_size: int) -> list[list[int]]:
     return [list(range(start, min(start + batch_size, n_images))) for start in range(0, n_images, batch_size)]
 
 
+def read_images(images: CocoImages, indices) -> tuple[list[dict], list[dict]]:
+    """The items of `indices` that can be used, and a skip row (image_id, file_name, skipped,
+    skip_reason naming the file and why) for each that cannot: a missing, truncated or corrupt
+    file, or (with masks) an annotation that cannot be made a mask. Losing a long run to one bad
+    file is the last thing a user expects; the recipes record these rows and go on."""
+    items, skipped = [], []
+    for i in indices:
+        try:
+            items.append(images[i])
+        except UnusableImage as error:
+            log.warning("skipping image %s: %s", error.image_id, error)
+            skipped.append({"image_id": error.image_id, "file_name": error.file_name, "skipped": True,
+                            "skip_reason": str(error)})
+    return items, skipped
+
+
 def analyze(cfg: DictConfig) -> dict:
     """Run the analysis `cfg` describes; returns (and writes) its summary."""
     check_settings(cfg)
@@ -275,8 +373,8 @@ def analyze(cfg: DictConfig) -> dict:
     batches = image_batches(n_images, cfg.images.batch_size)
     todo = store.todo(len(batches), cfg.shard)
     for index in tqdm(todo, desc=f"analyse ({cfg.attribution.method})", unit="batch"):
-        tables = analyze_batch(captioner, [images[i] for i in batches[index]], cfg, layers, ks, decoder, scorer,
-                               means, finder, index)
+        items, skipped = read_images(images, batches[index])
+        tables = analyze_batch(captioner, items, skipped, cfg, layers, ks, decoder, scorer, means, finder, index)
         store.write_batch(index, tables)
     if not store.complete(len(batches)):
         return shard_finished(cfg, store, len(batches))
@@ -322,10 +420,15 @@ def load_means(cfg: DictConfig, captioner: Captioner, images: CocoImages) -> dic
     path = Path(cfg.paths.cache_dir) / "means" / f"{key}.safetensors"
     if path.is_file():
         return {int(layer): tensor for layer, tensor in load_file(str(path)).items()}
-    batch_size = cfg.images.batch_size
-    batches = (captioner.preprocess([images[i]["image"] for i in range(start, min(start + batch_size, n))])
-               for start in range(0, n, batch_size))
-    means = mean_activations(captioner, tqdm(batches, total=math.ceil(n / batch_size), desc="mean activations"))
+
+    def pixel_batches():  # the readable reference images (read_images logs the others)
+        for indices in image_batches(n, cfg.images.batch_size):
+            items, _ = read_images(images, indices)
+            if items:
+                yield captioner.preprocess([item["image"] for item in items])
+
+    batches = tqdm(pixel_batches(), total=math.ceil(n / cfg.images.batch_size), desc="mean activations")
+    means = mean_activations(captioner, batches)
     atomic_write(path, lambda temporary: save_file({str(layer): t.contiguous() for layer, t in means.items()},
                                                    str(temporary)))
     return means

@@ -105,7 +105,7 @@ def neuron_scores(cfg: DictConfig) -> dict:
     from mmn.analysis.bertscore import BertScorer
     from mmn.analysis.clipscore import ClipScorer
     from mmn.analysis.results import ResultStore, write_json, write_parquet
-    from mmn.analysis.run import depends_on, image_batches, prepare_run, shard_finished
+    from mmn.analysis.run import depends_on, image_batches, prepare_run, read_images, shard_finished
     from mmn.training.loggers import finish, log_results, make_loggers
 
     started = time.perf_counter()
@@ -120,19 +120,27 @@ def neuron_scores(cfg: DictConfig) -> dict:
     clip = ClipScorer(cfg.scoring.clip_model, cfg.scoring.clip_pretrained)
     bertscore = BertScorer(cfg.bertscore.model, cfg.bertscore.num_layers)
     record = depends_on(cfg, ("data", "scoring", "bertscore"), captioner=False) | {"analysis": str(analysis.resolve())}
-    store = ResultStore(run_dir, record, tables=("scores",))
+    # images: one row per image, skipped (with the reason) when it cannot be read now
+    store = ResultStore(run_dir, record, tables=("images", "scores"))
     batches = image_batches(len(image_ids), cfg.images.batch_size)
     for index in tqdm(store.todo(len(batches), cfg.shard), desc="neuron scores", unit="batch"):
-        wanted = {image_ids[i] for i in batches[index]}
-        items = [images[images.index_of(int(image_id))] for image_id in wanted]
-        store.write_batch(index, {"scores": score_texts([r for r in rows if r["image_id"] in wanted], items, clip,
-                                                        bertscore)})
+        items, skipped = read_images(images, [images.index_of(int(image_ids[i])) for i in batches[index]])
+        read = {item["image_id"] for item in items}
+        scores = score_texts([r for r in rows if r["image_id"] in read], items, clip, bertscore) if items \
+            else pd.DataFrame()
+        image_rows = [{"image_id": item["image_id"], "file_name": item["file_name"], "skipped": False,
+                       "skip_reason": None} for item in items] + skipped
+        store.write_batch(index, {"scores": scores, "images": pd.DataFrame(image_rows)})
     if not store.complete(len(batches)):
         return shard_finished(cfg, store, len(batches))
-    per_image, table = table1(store.merge()["scores"])
+    tables = store.merge()
+    per_image, table = table1(tables["scores"])
     write_parquet(per_image, run_dir / "per_image.parquet")
     write_parquet(table, run_dir / "table1.parquet")
-    summary = {"analysis": str(analysis), "images": len(image_ids), "seconds": round(time.perf_counter() - started, 1)}
+    summary = {"analysis": str(analysis), "images": int(per_image["image_id"].nunique()),
+               "images_skipped": int(tables["images"]["skipped"].sum()),
+               "skip_reasons": tables["images"]["skip_reason"].dropna().value_counts().to_dict(),
+               "seconds": round(time.perf_counter() - started, 1)}
     for row in table.itertuples():
         summary |= {f"{row.kind}/clipscore": row.clipscore_mean, f"{row.kind}/bertscore": row.bertscore_mean}
     write_json(summary, run_dir / "summary.json")

@@ -54,15 +54,14 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
 
     from mmn.analysis.figures import selectivity_figure
     from mmn.analysis.results import write_json, write_parquet
-    from mmn.analysis.run import check_settings, prepare_run, resolve_device
+    from mmn.analysis.run import check_count, check_settings, prepare_run, read_images, resolve_device
     from mmn.models.captioner import Captioner
     from mmn.training.loggers import finish, log_results, make_loggers
 
     settings = cfg.selectivity
     check_settings(cfg)
     for key in ("units", "top_units"):
-        if settings[key] < 1:
-            raise ValueError(f"selectivity.{key}={settings[key]} must be at least 1")
+        check_count(f"selectivity.{key}", settings[key])
     started = time.perf_counter()
     run_dir, images, _ = prepare_run(cfg)
     split = split_by_category(images, single_object_ids(images, settings.categories, cfg.images.n))
@@ -73,13 +72,21 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
     captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
     top_units = TopUnits(captioner, cfg)
     batch_size = cfg.images.batch_size
+    image_rows = []  # one per image: its category and half, and whether it was skipped (unreadable) and why
+
+    def read(ids: list[int], category: str, half: str) -> list[dict]:
+        items, unreadable = read_images(images, [images.index_of(i) for i in ids])
+        reasons = {row["image_id"]: row["skip_reason"] for row in unreadable}
+        image_rows.extend({"image_id": i, "category": category, "half": half, "skipped": i in reasons,
+                           "skip_reason": reasons.get(i)} for i in ids)
+        return items
 
     # 1. each category's units: the most frequent among the top units of its choosing half
     units = {}
     for name, (choose, _) in tqdm(split.items(), desc="selectivity: choose units", unit="category"):
         counter = Counter()
         for start in range(0, len(choose), batch_size):
-            items = [images[images.index_of(i)] for i in choose[start : start + batch_size]]
+            items = read(choose[start : start + batch_size], name, "choose")
             for found in top_units(items, settings.top_units):
                 if found["units"] is not None:
                     counter.update(map(tuple, found["units"].tolist()))
@@ -90,7 +97,9 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
     if every_unit:
         for name, (_, measure) in tqdm(split.items(), desc="selectivity: measure", unit="category"):
             for start in range(0, len(measure), batch_size):
-                items = [images[images.index_of(i)] for i in measure[start : start + batch_size]]
+                items = read(measure[start : start + batch_size], name, "measure")
+                if not items:
+                    continue
                 maps = unit_activation_maps(captioner, captioner.preprocess([item["image"] for item in items]),
                                             every_unit)  # [batch, units, gh, gw]
                 means = maps.flatten(2).mean(dim=2)  # [batch, units]: over every image-prompt position
@@ -104,9 +113,13 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
                                 for name, pairs in units.items() for r, (layer, unit) in enumerate(pairs)]),
                   run_dir / "units.parquet")
     write_parquet(matrix.reset_index(names="units_of"), run_dir / "selectivity.parquet")
+    image_table = pd.DataFrame(image_rows, columns=["image_id", "category", "half", "skipped", "skip_reason"])
+    write_parquet(image_table, run_dir / "images.parquet")
     diagonal = [row for row in matrix.index if row in matrix.columns]
     own_highest = sum(matrix.loc[row].idxmax() == row for row in diagonal)
     summary = {"images": sum(len(choose) + len(measure) for choose, measure in split.values()),
+               "images_skipped": int(image_table["skipped"].sum()),
+               "skip_reasons": image_table["skip_reason"].dropna().value_counts().to_dict(),
                "categories": len(split), "units_per_category": settings.units,
                "categories_most_active_on_own": int(own_highest), "seconds": round(time.perf_counter() - started, 1)}
     write_json(summary, run_dir / "summary.json")
