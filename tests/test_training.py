@@ -84,6 +84,30 @@ def test_loss_is_cross_entropy_of_caption_tokens_only(module):
     assert module.caption_loss(changed).item() != pytest.approx(loss.item(), rel=1e-4)
 
 
+def test_with_prompt_puts_the_captioning_prompt_between_image_and_caption_unscored(module):
+    module.eval()
+    items, batch = caption_batch(module, ["a red circle", "two stars"])
+    prompt_ids = module.captioner.prompt_ids
+    lm = module.captioner.language_model
+    total, count = 0.0, 0
+    for item in items:
+        prompts = module.projection(item["features"][None])
+        ids = torch.tensor(item["input_ids"])
+        text = torch.cat([prompt_ids, ids])  # "A picture of" + caption + end-of-text
+        inputs = torch.cat([prompts, module.captioner.lm.embed_tokens(text[None])], dim=1)
+        first = prompts.shape[1] + len(prompt_ids) - 1  # the position that predicts caption token 0
+        logits = lm(inputs_embeds=inputs).logits[0, first : first + len(ids)]
+        total += F.cross_entropy(logits, ids, reduction="sum").item()
+        count += len(ids)
+    module.with_prompt = True
+    try:
+        with_prompt = module.caption_loss(batch).item()
+    finally:
+        module.with_prompt = False
+    assert with_prompt == pytest.approx(total / count, rel=1e-5)
+    assert with_prompt != pytest.approx(module.caption_loss(batch).item(), rel=1e-4)
+
+
 def test_only_the_projection_trains(module):
     module.train()
     captioner = module.captioner

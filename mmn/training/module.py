@@ -9,6 +9,8 @@ always (so their dropout never runs). A training step:
            --LM-->                logits of the positions that predict the caption tokens
     loss = cross-entropy on the caption tokens and their end-of-text only (image positions and
            padding ignored)
+With `with_prompt` the captioning prompt ("A picture of") sits between the image prompts and the
+caption, unscored, as it does when the captioner captions; LiMBeR trains without it.
 
 Dropout masks are drawn from a generator seeded by (seed, step, rank), so a run resumed from a
 checkpoint draws the same masks as an uninterrupted one. Checkpoints hold only P's weights
@@ -40,7 +42,7 @@ def warmup_then_constant(warmup_steps: int):
 class ProjectionTraining(LightningModule):
     def __init__(self, captioner: Captioner, *, lr: float, betas: Sequence[float], weight_decay: float,
                  warmup_steps: int, seed: int = 0, caption_tokens: int = 20, table_images: int = 16,
-                 first_noun_finder: str = "lexicon"):
+                 first_noun_finder: str = "lexicon", with_prompt: bool = False):
         super().__init__()
         self.captioner = captioner
         for frozen in (captioner.encoder, captioner.language_model):
@@ -48,6 +50,7 @@ class ProjectionTraining(LightningModule):
         self.captioner.train()  # the projection's dropout on; Captioner keeps encoder and LM in eval
         self.lr, self.betas, self.weight_decay, self.warmup_steps = lr, tuple(betas), weight_decay, warmup_steps
         self.seed, self.caption_tokens, self.table_images = seed, caption_tokens, table_images
+        self.with_prompt = with_prompt
         self.finder = get_finder(first_noun_finder)
         self.strict_loading = False  # checkpoints hold the projection only
         self._val_rows: list[dict] = []
@@ -66,13 +69,18 @@ class ProjectionTraining(LightningModule):
             with torch.no_grad():
                 features = self.captioner.encoder(batch["pixels"])  # [batch, n_tok, d_enc]
         prompts = self.projection(features)  # [batch, n_img, d_lm]
-        text = self.captioner.lm.embed_tokens(batch["input_ids"])  # [batch, n_text, d_lm]
+        ids, labels = batch["input_ids"], batch["labels"]
+        if self.with_prompt:  # the captioning prompt between image and caption, unscored, as at inference
+            prompt = self.captioner.prompt_ids.expand(len(ids), -1)
+            ids = torch.cat([prompt, ids], dim=1)
+            labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), labels], dim=1)
+        text = self.captioner.lm.embed_tokens(ids)  # [batch, n_text, d_lm]
         n_text = text.shape[1]
         inputs = torch.cat([prompts.to(text.dtype), text], dim=1)  # [batch, n_img + n_text, d_lm]
         # Position n_img - 1 + j predicts caption token j: keep the last n_text + 1 positions' logits
         # (not all n_img + n_text: GPT-J's vocabulary is 50k wide) and drop the final one.
         logits = self.captioner.language_model(inputs_embeds=inputs, logits_to_keep=n_text + 1).logits[:, :-1]
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX)
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:

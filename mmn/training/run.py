@@ -176,7 +176,8 @@ def train(cfg: DictConfig) -> dict:
     check_context_length(captioner, training)
     module = ProjectionTraining(captioner, lr=training.lr, betas=training.betas, weight_decay=training.weight_decay,
                                 warmup_steps=training.warmup_steps, seed=cfg.seed,
-                                caption_tokens=training.caption_tokens, table_images=training.table_images)
+                                caption_tokens=training.caption_tokens, table_images=training.table_images,
+                                with_prompt=training.with_prompt)
     data = CaptionData(
         open_pairs=lambda: load_pairs(cfg.data.train.source, format=cfg.data.train.format),
         eval_root=cfg.data.eval.root, eval_split=cfg.data.eval.split, encoder=captioner.encoder,
