@@ -2,17 +2,17 @@
 and measure what causes what, in one command.
 
     python benchmarks/world_lab.py                               # the default world
-    python benchmarks/world_lab.py world=lab training.max_steps=300 +world.scenes.glyph_shift=false
+    python benchmarks/world_lab.py training.max_steps=300 +world.scenes.glyph_shift=true
 
 For the configured world (built and cached if missing) it prints and appends to
 outputs/world_lab/log.jsonl:
 - the encoder's probes (linear and MLP, shape and colour of each patch, held-out objects);
 - the trained captioner's first-noun accuracy and mean p(c) (`train.py`'s validation and
-  `analyze.py` on `lab.images` images);
+  `analyze.py` on 48 images);
 - delta p(c) when the top units, or as many random ones, are ablated at the image positions only,
   at 1.5% of the units and at all of them: how much of p(c) the image-position MLPs carry;
 - the norms of what the projection and each layer's MLP write at the image positions.
-One training and one analysis of lab.images images: a few minutes on 2 cores with world=lab.
+One training and one analysis of 48 images: a few minutes on 2 cores once the world variant is built.
 Overrides go to train.py, and all but training.* and trainer.* to analyze.py; the runs land in
 outputs/world_lab/<digest>/.
 """

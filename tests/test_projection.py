@@ -39,11 +39,25 @@ def test_save_load_round_trip(tmp_path, kind, k):
     projection.save(tmp_path / "proj")
     assert (tmp_path / "proj" / "projection.safetensors").is_file()
     config = json.loads((tmp_path / "proj" / "projection.json").read_text())
-    assert config == {"kind": kind, "d_enc": 64, "d_lm": 48, "n_out_tokens": k, "dropout": 0.2}
+    assert config == {"kind": kind, "d_enc": 64, "d_lm": 48, "n_out_tokens": k, "dropout": 0.2, "max_norm": None}
     loaded = Projection.load(tmp_path / "proj").eval()
     features = torch.randn(3, 4, 64)
     torch.testing.assert_close(loaded(features), projection(features), rtol=0, atol=0)
     assert loaded.dropout.p == 0.2
+
+
+def test_max_norm_shortens_long_prompts_only(tmp_path):
+    projection = Projection(4, 3, kind="linear", max_norm=2.0).eval()
+    with torch.no_grad():
+        projection.linear.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]))
+        projection.linear.bias.zero_()
+    features = torch.tensor([[[3.0, 4.0, 0, 0], [0.6, 0.8, 0, 0]]])  # norms 5 and 1
+    prompts = projection(features)
+    torch.testing.assert_close(prompts, torch.tensor([[[1.2, 1.6, 0.0], [0.6, 0.8, 0.0]]]))
+    projection.save(tmp_path / "proj")
+    assert Projection.load(tmp_path / "proj").max_norm == 2.0
+    with pytest.raises(ValueError, match="max_norm"):
+        Projection(4, 3, max_norm=0.0)
 
 
 def test_limber_checkpoint_matches_the_linear(tmp_path):

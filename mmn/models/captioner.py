@@ -127,7 +127,8 @@ class Captioner(nn.Module):
 def load_projection(cfg, d_enc: int, d_lm: int) -> Projection:
     """A saved projection (folder), LiMBeR's `proj.ckpt`, or a fresh one when `checkpoint` is null."""
     if cfg.checkpoint is None:
-        return Projection(d_enc, d_lm, kind=cfg.kind, n_out_tokens=cfg.n_out_tokens, dropout=cfg.dropout)
+        return Projection(d_enc, d_lm, kind=cfg.kind, n_out_tokens=cfg.n_out_tokens, dropout=cfg.dropout,
+                          max_norm=cfg.get("max_norm"))
     path = Path(cfg.checkpoint)
     if path.is_file():
         return Projection.from_limber_checkpoint(path, dropout=cfg.dropout)

@@ -7,11 +7,14 @@ Two kinds, as in LiMBeR:
 - ``kind="pooled"``: mean-pool the encoder tokens, ``nn.Linear(d_enc, k * d_lm)``, reshape to
   k prompts (NF-ResNet50: one pooled 2048-d vector -> k = 1 prompt).
 
+``max_norm`` (off in LiMBeR) shortens any prompt longer than it to that L2 norm, so the prompts
+stay in the scale of the LM's own residual stream (see docs/shapes_world_2.md).
+
 Dropout (0.1 in LiMBeR) follows the linear map and is active only in train mode; every
 analysis must run in eval mode (LiMBeR itself leaves it on by accident, see the notes).
 
 On disk a projection is ``projection.safetensors`` (the weights) + ``projection.json``
-(kind, d_enc, d_lm, n_out_tokens, dropout). LiMBeR's released ``proj.ckpt`` files (the
+(kind, d_enc, d_lm, n_out_tokens, dropout, max_norm). LiMBeR's released ``proj.ckpt`` files (the
 ``state_dict`` of the ``nn.Linear``, saved with ``torch.save``) load with
 ``Projection.from_limber_checkpoint``.
 """
@@ -34,7 +37,8 @@ CONFIG_FILE = "projection.json"
 class Projection(nn.Module):
     """Maps encoder tokens [batch, n_tok, d_enc] to image prompts [batch, n_prompt, d_lm]."""
 
-    def __init__(self, d_enc: int, d_lm: int, kind: str = "linear", n_out_tokens: int = 1, dropout: float = 0.1):
+    def __init__(self, d_enc: int, d_lm: int, kind: str = "linear", n_out_tokens: int = 1, dropout: float = 0.1,
+                 max_norm: float | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown projection kind {kind!r}: use one of {KINDS}")
@@ -44,11 +48,14 @@ class Projection(nn.Module):
             raise ValueError(f"dimensions must be positive: d_enc={d_enc}, d_lm={d_lm}, n_out_tokens={n_out_tokens}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"max_norm must be positive or None, got {max_norm}")
         self.d_enc = d_enc
         self.d_lm = d_lm
         self.kind = kind
         self.n_out_tokens = n_out_tokens
         self.dropout_p = dropout
+        self.max_norm = max_norm
         self.linear = nn.Linear(d_enc, d_lm * n_out_tokens)
         self.dropout = nn.Dropout(dropout)
 
@@ -70,6 +77,9 @@ class Projection(nn.Module):
         else:
             pooled = features.mean(dim=1)  # [batch, d_enc]
             prompts = self.linear(pooled).view(-1, self.n_out_tokens, self.d_lm)  # [batch, k, d_lm]
+        if self.max_norm is not None:  # shorten each prompt vector longer than max_norm to max_norm
+            norms = prompts.norm(dim=-1, keepdim=True)  # [batch, n_prompt, 1]
+            prompts = prompts * (self.max_norm / norms.clamp_min(self.max_norm))
         return self.dropout(prompts)
 
     # ----- files ------------------------------------------------------------------------
@@ -81,6 +91,7 @@ class Projection(nn.Module):
             "d_lm": self.d_lm,
             "n_out_tokens": self.n_out_tokens,
             "dropout": self.dropout_p,
+            "max_norm": self.max_norm,
         }
 
     def save(self, directory: str | os.PathLike, metadata: dict | None = None) -> None:
@@ -112,6 +123,7 @@ class Projection(nn.Module):
             kind=config["kind"],
             n_out_tokens=config.get("n_out_tokens", 1),
             dropout=config.get("dropout", 0.1),
+            max_norm=config.get("max_norm"),
         )
         state = load_file(str(directory / WEIGHTS_FILE))
         projection.load_state_dict(state)
