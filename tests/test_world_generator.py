@@ -255,3 +255,21 @@ def test_leftmost_first_captions_name_the_leftmost_object_first():
     misses = sum(first_shape(describe(s, r)) != min(s.objects, key=lambda o: o.center[0]).shape
                  for s, r in (scene_at(4, "train", i, cfg) for i in range(60)))
     assert misses > 5
+
+
+def test_size_scale_scales_every_radius_and_must_fit():
+    plain, large = SceneConfig(image_size=96), SceneConfig(image_size=96, size_scale=1.5)
+    for index in range(20):
+        scene, _ = scene_at(5, "train", index, large)
+        assert all(o.radius == pytest.approx(g.SIZES[o.size] * 1.5) for o in scene.objects)
+        assert all(large.margin + o.radius <= c <= 1 - large.margin - o.radius for o in scene.objects for c in o.center)
+    # the same object covers about 1.5^2 = 2.25 times the pixels
+    small = Scene([WorldObject("square", "red", "medium", (0.5, 0.5), g.SIZES["medium"])], Background("plain", "white"))
+    big = Scene([WorldObject("square", "red", "medium", (0.5, 0.5), g.SIZES["medium"] * 1.5)], Background("plain", "white"))
+    ratio = render(big, 96)[1][0].sum() / render(small, 96)[1][0].sum()
+    assert 2.0 < ratio < 2.5
+    assert plain.size_scale == 1.0
+    with pytest.raises(ValueError, match="size_scale"):
+        SceneConfig(size_scale=4.0)  # radius 0.54: larger than half the image
+    with pytest.raises(ValueError, match="size_scale"):
+        SceneConfig(size_scale=0)
