@@ -220,4 +220,12 @@ def test_world_config_errors_name_the_key(tmp_path):
         resolve_world_config({"lm": {"stepz": 10}})
     with pytest.raises(ValueError, match="retrieval_pool"):
         resolve_world_config({"clip": {"n_eval_pairs": 50}})
+    with pytest.raises(ValueError, match="size_scale"):
+        resolve_world_config({"scenes": {"size_scale": 5.0}})
     assert not (tmp_path / "world.json").exists()
+
+
+def test_scene_overrides_merge_into_the_default_scenes():
+    assert resolve_world_config({})["scenes"] == {"size_scale": 1.5}
+    assert resolve_world_config({"scenes": {"leftmost_first": True}})["scenes"] == {"size_scale": 1.5, "leftmost_first": True}
+    assert resolve_world_config({"scenes": {"size_scale": 1.0}})["scenes"] == {"size_scale": 1.0}

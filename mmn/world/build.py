@@ -51,7 +51,7 @@ SECTIONS = {"lm": TextLMConfig, "encoder": EncoderConfig, "clip": ClipConfig}
 
 DEFAULT_WORLD: dict[str, Any] = {
     "seed": 0,
-    "scenes": {},       # SceneConfig overrides (generator.SceneConfig fields); {} = its defaults
+    "scenes": {"size_scale": 1.5},  # SceneConfig overrides (generator.SceneConfig fields), merged into its defaults
     "n_train": 3000,    # training pairs written as webdataset shards (for the projection)
     "n_eval": 500,      # COCO-style evaluation images
     "lm": asdict(TextLMConfig()),
@@ -86,7 +86,7 @@ def resolve_world_config(cfg: Mapping | None = None) -> dict:
                 raise ValueError(f"unknown key(s) {bad} in world config section '{key}'; known: {sorted(known)}")
             resolved[key].update(value or {})
         elif key == "scenes":
-            resolved[key] = dict(value or {})
+            resolved[key].update(value or {})
         else:
             resolved[key] = value
     generator.scene_config(resolved["scenes"])  # raises on unknown / bad scene keys
