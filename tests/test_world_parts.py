@@ -147,11 +147,12 @@ def test_image_encoder_trains_and_saves_like_beit(tmp_path):
         train_image_encoder(train_images.astype(np.float32), eval_images, tmp_path / "bad", cfg, progress=False)
 
 
-def test_clip_trains_and_loads_through_open_clip_local_dir(tmp_path):
+@pytest.mark.parametrize("vision_layers", [1, [1, 1, 1, 1]], ids=["vit", "resnet"])
+def test_clip_trains_and_loads_through_open_clip_local_dir(tmp_path, vision_layers):
     import open_clip
     from PIL import Image
 
-    cfg = ClipConfig(**TINY_CLIP)
+    cfg = ClipConfig(**{**TINY_CLIP, "vision_layers": vision_layers})
     images, captions = generator.render_batch(0, cfg.n_pairs)
     eval_images, eval_captions = generator.render_batch(1, cfg.n_eval_pairs)
     metrics = train_clip(images, captions, eval_images, eval_captions, tmp_path, cfg, progress=False,
@@ -165,6 +166,7 @@ def test_clip_trains_and_loads_through_open_clip_local_dir(tmp_path):
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + str(tmp_path))
     tokenizer = open_clip.get_tokenizer("local-dir:" + str(tmp_path))
     model.eval()
+    assert type(model.visual).__name__ == ("ModifiedResNet" if isinstance(vision_layers, list) else "VisionTransformer")
     tokens = tokenizer(eval_captions[:3])
     assert tokens.shape == (3, 16)
     pixels = torch.stack([preprocess(Image.fromarray(image)) for image in eval_images[:3]])
@@ -187,9 +189,12 @@ TINY_WORLD = {
 }
 
 
-def test_build_world_is_cached_and_rebuilt_on_change(tmp_path):
+def test_build_world_is_cached_and_rebuilt_on_change(tmp_path, caplog):
     out = tmp_path / "world"
-    info = build_world(TINY_WORLD, out)
+    with caplog.at_level("WARNING", logger="mmn.world.build"):
+        info = build_world(TINY_WORLD, out)
+    # an LM trained for 5 steps does not read its context, and the build says so
+    assert info["metrics"]["lm"]["context_copy_accuracy"] < 0.3 and "will hardly steer it" in caplog.text
     world_json = out / "world.json"
     assert world_json.is_file() and not (out / "world.json.tmp").exists()
     assert sorted(p.name for p in (out / "data" / "train").glob("*.tar")) == ["00000.tar"]

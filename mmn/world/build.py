@@ -46,6 +46,7 @@ WORLD_FILE = "world.json"
 MANAGED = ("data", "lm", "encoder", "clip")  # sub-folders a rebuild owns (and deletes)
 HELD_OUT_SEED_OFFSET = 1  # held-out texts and renders use seed + 1: disjoint from training
 PROBE_SEED_OFFSET = 2     # the encoder's probes read renders of seed + 2
+MIN_CONTEXT_COPY = 0.3    # below this the LM barely reads its context (docs/shapes_world_2.md, section 10)
 
 SECTIONS = {"lm": TextLMConfig, "encoder": EncoderConfig, "clip": ClipConfig}
 
@@ -172,6 +173,11 @@ def build_world(cfg: Mapping | None = None, out_dir: str | Path = "world", force
     eval_texts = generator.text_corpus(lm_cfg.n_eval_texts, held_out_seed, scenes)
     clock = stage("lm_corpus", clock)
     lm_metrics = train_text_lm(train_texts, eval_texts, out_dir / "lm", lm_cfg, seed=seed)
+    if lm_metrics["context_copy_accuracy"] < MIN_CONTEXT_COPY:
+        log.warning("Shapes world: the LM continues '<a description>. A picture of' with its first shape only "
+                    "%.0f%% of the time (1 in 8 when it ignores its context): image prompts will hardly steer it. "
+                    "More lm.steps or a higher lm.lr bring in-context copying forward (docs/shapes_world_2.md, "
+                    "section 10)", 100 * lm_metrics["context_copy_accuracy"])
     clock = stage("lm", clock)
 
     # (b) and (c): one in-memory render serves both (the encoder never sees its captions)
