@@ -24,15 +24,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mmn  # noqa: F401  (torchvision shim before open_clip)
-import numpy as np
-import open_clip
-import torch
+from PIL import Image
 from scipy.stats import ks_2samp
 
+from mmn.analysis.clipscore import ClipScorer
 from mmn.config import CONFIG_DIR
 from mmn.world import generator
 from mmn.world.build import DEFAULT_WORLD, HELD_OUT_SEED_OFFSET
-from mmn.world.clip import ClipConfig, preprocess_images, train_clip
+from mmn.world.clip import ClipConfig, train_clip
 from mmn.world.text_lm import TextLMConfig, train_text_lm
 
 ROOT = CONFIG_DIR.parent / "outputs" / "world_parts_lab"
@@ -68,18 +67,6 @@ def lab_lm(cfg: TextLMConfig, scenes: generator.SceneConfig, seed: int, out_dir:
             "seconds": round(metrics["seconds"])}
 
 
-@torch.no_grad()
-def mean_scores(out_dir: Path, images: np.ndarray, texts: dict[str, list[str]], cfg: ClipConfig) -> dict:
-    """CLIPScore (100 * max(cos, 0)) of each image with each kind of text.  -> {kind: [n] array}"""
-    model, _ = open_clip.create_model_from_pretrained("local-dir:" + str(out_dir))
-    tokenizer = open_clip.get_tokenizer("local-dir:" + str(out_dir))
-    model.eval()
-    image_features = model.encode_image(preprocess_images(images, cfg), normalize=True)  # [n, embed]
-    return {kind: (100 * (image_features * model.encode_text(tokenizer(list(kind_texts)), normalize=True))
-                   .sum(-1).clamp(min=0)).numpy()
-            for kind, kind_texts in texts.items()}
-
-
 def lab_clip(cfg: ClipConfig, scenes: generator.SceneConfig, seed: int, out_dir: Path) -> dict:
     images, captions = generator.render_batch(seed, cfg.n_pairs, scenes)
     eval_images, eval_captions = generator.render_batch(seed + HELD_OUT_SEED_OFFSET, cfg.n_eval_pairs, scenes)
@@ -88,11 +75,12 @@ def lab_clip(cfg: ClipConfig, scenes: generator.SceneConfig, seed: int, out_dir:
     vocabulary = sorted({word.strip(".,").lower() for document in generator.text_corpus(300, seed, scenes)
                          for word in document.split()} - set(scenes.shapes))
     rng = random.Random(seed)
-    scores = mean_scores(out_dir, eval_images, {
+    scorer, pictures = ClipScorer(out_dir), [Image.fromarray(image) for image in eval_images]
+    scores = {kind: scorer.score(pictures, texts).numpy() for kind, texts in {
         "caption": eval_captions,
         "noun": [generator.first_shape(caption) for caption in eval_captions],
         "random_words": [", ".join(rng.sample(vocabulary, 5)) for _ in eval_captions],
-    }, cfg)
+    }.items()}
     ks = ks_2samp(scores["noun"], scores["random_words"])
     return {"i2t_top1": metrics["i2t_top1"], "swap_accuracy": metrics["swap_accuracy"],
             **{f"clipscore_{kind}": round(float(values.mean()), 1) for kind, values in scores.items()},

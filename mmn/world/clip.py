@@ -2,9 +2,9 @@
 
 It plays the role of the CLIP that CLIPScore uses on real data, and nothing else: the
 captioner never sees it. It is a real `open_clip.CLIP` (image tower open_clip's ModifiedResNet,
-as in CLIP's RN50, or a ViT; causal text transformer with open_clip's default `SimpleTokenizer`, whose BPE vocabulary of 49408
-ships inside the package) trained with open_clip's `ClipLoss`, and saved in open_clip's
-hub layout so that the real loaders read it:
+as in CLIP's RN50, or a ViT; causal text transformer with open_clip's default
+`SimpleTokenizer`, whose BPE vocabulary of 49408 ships inside the package) trained with
+open_clip's `ClipLoss`, and saved in open_clip's hub layout so that the real loaders read it:
 
     open_clip.create_model_and_transforms("local-dir:" + dir)
     open_clip.get_tokenizer("local-dir:" + dir)
