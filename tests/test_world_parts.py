@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mmn.world import generator
-from mmn.world.build import build_world, resolve_world_config, world_summary
+from mmn.world.build import (MANIFEST_FILE, PARTS, SHIPPED_DIR, build_world, resolve_world_config, ship_world,
+                             shipped_part, world_summary)
 from mmn.world.clip import ClipConfig, train_clip
 from mmn.world.image_encoder import (EncoderConfig, ObjectTokenizer, TokenPredictionModel, kmeans, object_components,
                                     to_pixels, tokenize, train_image_encoder)
@@ -216,6 +217,49 @@ def test_build_world_is_cached_and_rebuilt_on_change(tmp_path, caplog):
     assert world_json.stat().st_mtime_ns != stamps[world_json]
     assert rebuilt["config"]["lm"]["steps"] == 6
     assert json.loads(world_json.read_text())["config"]["lm"]["steps"] == 6
+
+
+def test_shipped_parts_are_copied_only_for_their_own_key_and_hashes(tmp_path, caplog):
+    trained = build_world(TINY_WORLD, tmp_path / "trained", shipped=False)
+    assert trained["sources"] == {"lm": "trained", "encoder": "trained", "clip": "trained"}
+    shipped = tmp_path / "shipped"
+    manifest = ship_world(tmp_path / "trained", shipped)
+    assert set(manifest["parts"]) == set(PARTS) and (shipped / MANIFEST_FILE).is_file()
+
+    copied = build_world(TINY_WORLD, tmp_path / "copied", shipped=shipped)
+    assert copied["sources"] == {"lm": "shipped", "encoder": "shipped", "clip": "shipped"}
+    assert copied["metrics"] == trained["metrics"] and copied["config"] == trained["config"]
+    assert not {"lm", "encoder", "clip", "render"} & set(copied["timings_s"])  # nothing trained or rendered
+    for part in PARTS:
+        for file in (tmp_path / "trained" / part).iterdir():
+            assert (tmp_path / "copied" / part / file.name).read_bytes() == file.read_bytes()
+    assert "lm shipped" in world_summary(copied)
+
+    # another CLIP config trains the CLIP only; other scenes decide every part
+    clip_changed = {**TINY_WORLD, "clip": {**TINY_CLIP, "steps": 5}}
+    assert build_world(clip_changed, tmp_path / "clip", shipped=shipped)["sources"] == {
+        "lm": "shipped", "encoder": "shipped", "clip": "trained"}
+    scenes_changed = {**TINY_WORLD, "scenes": {"image_size": 64, "size_scale": 1.2}}
+    assert set(build_world(scenes_changed, tmp_path / "scenes", shipped=shipped)["sources"].values()) == {"trained"}
+
+    # a shipped file that fails its hash is not used
+    (shipped / "lm" / "model.safetensors").write_bytes(b"not the model")
+    with caplog.at_level("WARNING", logger="mmn.world.build"):
+        broken = build_world(TINY_WORLD, tmp_path / "broken", shipped=shipped)
+    assert broken["sources"] == {"lm": "trained", "encoder": "shipped", "clip": "shipped"}
+    assert "model.safetensors is missing or fails its sha256" in caplog.text
+    retrained, first = broken["metrics"]["lm"], trained["metrics"]["lm"]
+    assert (retrained["eval_loss"], retrained["greedy"]) == (first["eval_loss"], first["greedy"])  # the same LM again
+
+
+def test_the_repository_ships_the_default_worlds_parts():
+    """If this fails after a change to the builder or to the default world config, re-ship:
+    python -m mmn.world world.shipped=false +ship=true"""
+    resolved = resolve_world_config(None)
+    for part in PARTS:
+        assert shipped_part(resolved, part) is not None, f"mmn/world/shipped/{part} is not the default world's {part}"
+    size = sum(file.stat().st_size for file in SHIPPED_DIR.rglob("*") if file.is_file())
+    assert size <= 30 * 2**20, f"shipped parts hold {size / 2**20:.1f} MB; the repository may carry 30 MB"
 
 
 def test_world_config_errors_name_the_key(tmp_path):

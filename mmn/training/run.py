@@ -135,10 +135,9 @@ def uses_world(cfg: DictConfig) -> bool:
 
 def ensure_world(cfg: DictConfig) -> None:
     """Build (or load from the cache) the Shapes world the config points into."""
-    from mmn.world.build import build_world
+    from mmn.world.build import build_configured_world
 
-    spec = OmegaConf.masked_copy(cfg.world, [key for key in cfg.world if key != "dir"])
-    build_world(spec, cfg.world.dir)
+    build_configured_world(cfg.world)
 
 
 def feature_cache_folder(cfg: DictConfig) -> str | None:

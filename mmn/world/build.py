@@ -17,11 +17,20 @@ Caching: world.json is written last and atomically. A call whose resolved config
 WORLD_FORMAT) equals the stored one returns the stored info without work; anything else
 (or force=True) deletes the managed sub-folders and world.json and rebuilds, so a killed
 build is redone and a smaller rebuild never leaves stale shards behind.
+
+Shipped parts: the repository carries the default world's three frozen parts, written by this
+builder (`ship_world`) into mmn/world/shipped/ with a manifest of what decided each part (the
+world's seed and scenes, the part's own config section, WORLD_FORMAT) and the sha256 of each
+file. A build copies a shipped part instead of training it when that key equals its own and
+every hash checks, so every machine analyses the same bits (training the parts is where float
+rounding made worlds differ: docs/shapes_world_2.md, section 10) and the default build takes
+seconds. Any other config trains the part; `shipped=False` trains all three.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -41,9 +50,12 @@ from mmn.world.text_lm import TextLMConfig, train_text_lm
 
 log = logging.getLogger(__name__)
 
-WORLD_FORMAT = 5  # bump when the build code changes what it produces, so caches rebuild
+WORLD_FORMAT = 6  # bump when the build code changes what it produces, so caches rebuild
 WORLD_FILE = "world.json"
-MANAGED = ("data", "lm", "encoder", "clip")  # sub-folders a rebuild owns (and deletes)
+PARTS = ("lm", "encoder", "clip")          # the frozen parts, each in its own sub-folder
+MANAGED = ("data", *PARTS)                  # sub-folders a rebuild owns (and deletes)
+SHIPPED_DIR = Path(__file__).parent / "shipped"
+MANIFEST_FILE = "manifest.json"
 HELD_OUT_SEED_OFFSET = 1  # held-out texts and renders use seed + 1: disjoint from training
 PROBE_SEED_OFFSET = 2     # the encoder's probes read renders of seed + 2
 MIN_CONTEXT_COPY = 0.3    # below this the LM barely reads its context (docs/shapes_world_2.md, section 10)
@@ -129,11 +141,72 @@ def load_world(out_dir: str | Path) -> dict | None:
     return info
 
 
-def build_world(cfg: Mapping | None = None, out_dir: str | Path = "world", force: bool = False) -> dict:
+def part_key(resolved: Mapping, part: str) -> dict:
+    """What decides a frozen part's weights: the build code's format, the world's seed and scenes
+    (its training data: text_corpus and render_batch draw scene i from them alone) and its section."""
+    return {"format": WORLD_FORMAT, "seed": resolved["seed"], "scenes": resolved["scenes"], part: resolved[part]}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shipped_part(resolved: Mapping, part: str, shipped_dir: str | Path = SHIPPED_DIR) -> dict | None:
+    """The manifest entry of a shipped part built from the same key as `resolved`'s, or None.
+    A matching part whose files fail their hashes is reported and not used (the part is trained)."""
+    manifest_path = Path(shipped_dir) / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return None
+    entry = json.loads(manifest_path.read_text()).get("parts", {}).get(part)
+    if entry is None or entry["key"] != part_key(resolved, part):
+        return None
+    folder = Path(shipped_dir) / part
+    for name, expected in entry["sha256"].items():
+        if not (folder / name).is_file() or _sha256(folder / name) != expected:
+            log.warning("Shapes world: shipped %s file %s is missing or fails its sha256; training the %s instead",
+                        part, folder / name, part)
+            return None
+    return entry
+
+
+def ship_world(world_dir: str | Path, shipped_dir: str | Path = SHIPPED_DIR) -> dict:
+    """Copy the three frozen parts of a world built in world_dir into shipped_dir, with a manifest
+    of their keys, metrics and file hashes (what `build_world` checks before it uses them)."""
+    info = load_world(world_dir)
+    if info is None or info.get("format") != WORLD_FORMAT:
+        raise FileNotFoundError(f"ship_world: no finished world of format {WORLD_FORMAT} in {world_dir} "
+                                f"(build it first: python -m mmn.world world.shipped=false)")
+    shipped_dir = Path(shipped_dir)
+    manifest = {"format": WORLD_FORMAT, "torch": torch.__version__, "parts": {}}
+    for part in PARTS:
+        shutil.rmtree(shipped_dir / part, ignore_errors=True)
+        shutil.copytree(Path(world_dir) / part, shipped_dir / part)
+        manifest["parts"][part] = {
+            "key": part_key(info["config"], part),
+            "metrics": info["metrics"][part],
+            "seconds_to_train": info["timings_s"][part],
+            "sha256": {f.name: _sha256(f) for f in sorted((shipped_dir / part).iterdir())},
+        }
+    (shipped_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def build_configured_world(world: Mapping) -> dict:
+    """build_world for the `world` node of a composed config: its `dir` and `shipped` keys say where
+    and how, the rest is the world config."""
+    spec = {key: value for key, value in _plain(world).items() if key not in ("dir", "shipped")}
+    return build_world(spec, world["dir"], shipped=world.get("shipped", True))
+
+
+def build_world(cfg: Mapping | None = None, out_dir: str | Path = "world", force: bool = False,
+                shipped: bool | str | Path = True) -> dict:
     """Generate the data and train the three parts into out_dir; cached on the resolved config.
+    A part shipped with mmn (or found in the folder `shipped` names) for the same key is copied
+    instead of trained; shipped=False trains every part.
 
     Returns the world info: {"format", "config", "paths", "data" (generator summary),
-    "metrics": {"lm", "encoder", "clip"}, "timings_s": {stage: seconds, "total"}}.
+    "metrics": {"lm", "encoder", "clip"}, "sources": {part: "shipped" or "trained"},
+    "timings_s": {stage: seconds, "total"}}.
     """
     resolved = resolve_world_config(cfg)
     out_dir = Path(out_dir)
@@ -168,42 +241,60 @@ def build_world(cfg: Mapping | None = None, out_dir: str | Path = "world", force
                                       seed=seed, cfg=scenes)
     clock = stage("data", clock)
 
-    # (a) text only: short documents about scenes that are never rendered
-    train_texts = generator.text_corpus(lm_cfg.n_texts, seed, scenes)
-    eval_texts = generator.text_corpus(lm_cfg.n_eval_texts, held_out_seed, scenes)
-    clock = stage("lm_corpus", clock)
-    lm_metrics = train_text_lm(train_texts, eval_texts, out_dir / "lm", lm_cfg, seed=seed)
-    if lm_metrics["context_copy_accuracy"] < MIN_CONTEXT_COPY:
+    metrics: dict[str, dict] = {}
+    if shipped:
+        shipped_dir = SHIPPED_DIR if shipped is True else Path(shipped)
+        for part in PARTS:
+            entry = shipped_part(resolved, part, shipped_dir)
+            if entry is not None:
+                shutil.copytree(shipped_dir / part, out_dir / part)
+                metrics[part] = entry["metrics"]
+                log.info("Shapes world: %s copied from %s (built from this config; %.0f s to train)",
+                         part, shipped_dir / part, entry["seconds_to_train"])
+        clock = stage("shipped", clock)
+    sources = {part: "shipped" if part in metrics else "trained" for part in PARTS}
+
+    if "lm" not in metrics:  # (a) text only: short documents about scenes that are never rendered
+        train_texts = generator.text_corpus(lm_cfg.n_texts, seed, scenes)
+        eval_texts = generator.text_corpus(lm_cfg.n_eval_texts, held_out_seed, scenes)
+        clock = stage("lm_corpus", clock)
+        metrics["lm"] = train_text_lm(train_texts, eval_texts, out_dir / "lm", lm_cfg, seed=seed)
+        clock = stage("lm", clock)
+    if metrics["lm"]["context_copy_accuracy"] < MIN_CONTEXT_COPY:
         log.warning("Shapes world: the LM continues '<a description>. A picture of' with its first shape only "
                     "%.0f%% of the time (1 in 8 when it ignores its context): image prompts will hardly steer it. "
                     "More lm.steps or a higher lm.lr bring in-context copying forward (docs/shapes_world_2.md, "
-                    "section 10)", 100 * lm_metrics["context_copy_accuracy"])
-    clock = stage("lm", clock)
+                    "section 10)", 100 * metrics["lm"]["context_copy_accuracy"])
 
-    # (b) and (c): one in-memory render serves both (the encoder never sees its captions)
-    n_images = max(encoder_cfg.n_images, clip_cfg.n_pairs)
-    n_held_out = max(encoder_cfg.n_eval_images, clip_cfg.n_eval_pairs)
-    images, captions = generator.render_batch(seed, n_images, scenes)
-    held_out_images, held_out_captions = generator.render_batch(held_out_seed, n_held_out, scenes)
-    clock = stage("render", clock)
-    encoder_metrics = train_image_encoder(images[: encoder_cfg.n_images], held_out_images[: encoder_cfg.n_eval_images],
-                                          out_dir / "encoder", encoder_cfg, seed=seed)
-    encoder_metrics["probes"] = encoder_probes(out_dir / "encoder", scenes, seed + PROBE_SEED_OFFSET,
-                                               n_images=2 * encoder_cfg.n_eval_images)
-    clock = stage("encoder", clock)
-    clip_metrics = train_clip(images[: clip_cfg.n_pairs], captions[: clip_cfg.n_pairs],
-                              held_out_images[: clip_cfg.n_eval_pairs], held_out_captions[: clip_cfg.n_eval_pairs],
-                              out_dir / "clip", clip_cfg, seed=seed,
-                              swap_words={"shape": list(scenes.shapes), "colour": list(scenes.colours)})
-    clock = stage("clip", clock)
+    if "encoder" not in metrics or "clip" not in metrics:
+        # (b) and (c): one in-memory render serves both (the encoder never sees its captions)
+        n_images = max(encoder_cfg.n_images, clip_cfg.n_pairs)
+        n_held_out = max(encoder_cfg.n_eval_images, clip_cfg.n_eval_pairs)
+        images, captions = generator.render_batch(seed, n_images, scenes)
+        held_out_images, held_out_captions = generator.render_batch(held_out_seed, n_held_out, scenes)
+        clock = stage("render", clock)
+    if "encoder" not in metrics:
+        metrics["encoder"] = train_image_encoder(images[: encoder_cfg.n_images],
+                                                 held_out_images[: encoder_cfg.n_eval_images],
+                                                 out_dir / "encoder", encoder_cfg, seed=seed)
+        metrics["encoder"]["probes"] = encoder_probes(out_dir / "encoder", scenes, seed + PROBE_SEED_OFFSET,
+                                                      n_images=2 * encoder_cfg.n_eval_images)
+        clock = stage("encoder", clock)
+    if "clip" not in metrics:
+        metrics["clip"] = train_clip(images[: clip_cfg.n_pairs], captions[: clip_cfg.n_pairs],
+                                     held_out_images[: clip_cfg.n_eval_pairs],
+                                     held_out_captions[: clip_cfg.n_eval_pairs], out_dir / "clip", clip_cfg,
+                                     seed=seed, swap_words={"shape": list(scenes.shapes), "colour": list(scenes.colours)})
+        clock = stage("clip", clock)
     timings["total"] = round(time.perf_counter() - started, 2)
 
-    strip = lambda metrics: {k: v for k, v in metrics.items() if k != "config"}  # noqa: E731 (config is stored once)
     info = {
         "format": WORLD_FORMAT,
         "config": resolved,
         "data": _plain(data_summary),
-        "metrics": {"lm": strip(lm_metrics), "encoder": strip(encoder_metrics), "clip": strip(clip_metrics)},
+        # each part's config is stored once, in "config"
+        "metrics": {part: {k: v for k, v in metrics[part].items() if k != "config"} for part in PARTS},
+        "sources": sources,
         "timings_s": timings,
         "torch_threads": torch.get_num_threads(),
     }
@@ -245,6 +336,7 @@ def world_summary(info: Mapping) -> str:
         "        prefers the true caption over one with a swapped word: "
         + ", ".join(f"{name} {accuracy:.2f}" for name, accuracy in clip.get("swap_accuracy", {}).items())
         + " (chance 0.50)",
+        "  parts: " + ", ".join(f"{part} {source}" for part, source in info.get("sources", {}).items()),
         "  time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items()),
     ]
     if paths:

@@ -10,7 +10,8 @@ open_clip's `ClipLoss`, and saved in open_clip's hub layout so that the real loa
     open_clip.get_tokenizer("local-dir:" + dir)
 
 The directory holds `open_clip_config.json` ({"model_cfg": ..., "preprocess_cfg": ...})
-and `open_clip_model.safetensors` (the first name open_clip's factory looks for).
+and `open_clip_model.safetensors` (the first name open_clip's factory looks for; half precision,
+which open_clip's loader casts to the model's float32).
 Images are squash-resized (resize_mode "squash"), like every image path of the world.
 """
 
@@ -219,13 +220,22 @@ def train_clip(
             model.logit_scale.clamp_(0, np.log(100))
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
+    # Stored in half precision: the text tower's token table (open_clip's 49,408 BPE tokens x
+    # text_width) would be 25 MB in fp32, most of what the repository may ship (mmn/world/shipped).
+    # The weights are rounded before the held-out metrics, so that these describe the saved model.
+    model.eval()
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
     after = retrieval_top1(model, eval_pixels, eval_tokens, eval_captions, cfg.retrieval_pool)
     swaps = {name: swap_accuracy(model, eval_pixels, eval_captions, words, tokenizer, seed)
              for name, words in (swap_words or {}).items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()},
+              str(out_dir / WEIGHTS_FILE))
     metrics = {
         **after,
         "swap_accuracy": swaps,  # chance 0.5
