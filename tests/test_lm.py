@@ -131,11 +131,6 @@ def test_load_and_locate_mlp(saved_models, saved_as, family):
         # The activation really varies: a constant could not tell the two sides apart.
         assert seen["post"].std() > 1e-3
 
-    # Hook names are the modules found above.
-    assert lm.model.get_submodule(lm.hook_point(1, "pre")) is lm.mlp_in(1)
-    assert lm.model.get_submodule(lm.hook_point(1, "post")) is lm.mlp_out(1)
-    with pytest.raises(ValueError, match="mid"):
-        lm.hook_point(0, "mid")
     with pytest.raises(IndexError, match="layer 5"):
         lm.block(5)
 
@@ -156,6 +151,66 @@ def test_unit_out_directions_are_what_each_unit_writes(saved_models, family):
             base = out(torch.zeros(1, D_MLP))  # the bias alone
             written = out(torch.eye(D_MLP)) - base  # row k: unit k at 1, all others at 0
         torch.testing.assert_close(written, directions, rtol=1e-5, atol=1e-6)
+
+
+def hook_counts(lm: LanguageModel) -> list[tuple[int, int]]:
+    """(forward hooks, forward pre-hooks) of every module of the model."""
+    return [(len(module._forward_hooks), len(module._forward_pre_hooks)) for module in lm.model.modules()]
+
+
+@pytest.mark.parametrize("family", ["gptj", "llama"])
+def test_hooks_run_inside_the_block_and_are_gone_after_it_exceptions_included(family):
+    torch.manual_seed(0)
+    lm = LanguageModel(build_tiny(family).eval(), build_tokenizer())
+    inputs = lm.embed_tokens(torch.randint(2, 20, (2, 5)))  # [batch, pos, d_model]
+    with torch.no_grad():  # first, since it leaves transformers' own output-capturing hooks on Llama's layers
+        reference = lm.model(inputs_embeds=inputs, output_hidden_states=True).hidden_states[-1]
+    none = hook_counts(lm)
+    calls = []
+    hooks = dict(forward=[(lm.mlp_in(0), lambda module, args, output: calls.append(("Z", output.shape)))],
+                 pre=[(lm.mlp_out(1), lambda module, args: calls.append(("A", args[0].shape)))],
+                 pre_with_kwargs=[(lm.block(1), lambda module, args, kwargs: calls.append(("block 1", None)))])
+    with torch.no_grad(), lm.hooks(**hooks):
+        assert hook_counts(lm) != none
+        hidden = lm.final_hidden(inputs)
+    assert calls == [("Z", (2, 5, D_MLP)), ("block 1", None), ("A", (2, 5, D_MLP))]
+    assert hook_counts(lm) == none  # final_hidden's own hook on the final norm included
+    with torch.no_grad():
+        lm.final_hidden(inputs)
+    assert len(calls) == 3  # the hooks no longer run
+    torch.testing.assert_close(hidden, reference, rtol=0, atol=0)  # the last hidden state is after the final norm
+
+    with pytest.raises(RuntimeError, match="in the block"), lm.hooks(**hooks):
+        raise RuntimeError("in the block")
+    assert hook_counts(lm) == none
+
+    def fail(module, args):
+        raise ValueError("in a hook")
+
+    with pytest.raises(ValueError, match="in a hook"), lm.hooks(forward=hooks["forward"], pre=[(lm.mlp_out(0), fail)]):
+        lm.final_hidden(inputs)
+    assert hook_counts(lm) == none
+    with pytest.raises(AttributeError), lm.hooks(forward=[(lm.mlp_in(0), print), ("not a module", print)]):
+        pass  # a registration that fails midway leaves none of the others behind
+    assert hook_counts(lm) == none
+
+
+@pytest.mark.parametrize("family", ["gptj", "gpt_neox", "llama"])
+def test_cached_passes_equal_one_pass_and_give_the_cache_back(family):
+    torch.manual_seed(0)
+    lm = LanguageModel(build_tiny(family).eval(), build_tokenizer())
+    inputs = torch.randn(2, 7, D_MODEL)  # [batch, pos, d_model]: a 4-position prompt and 3 more
+    with torch.no_grad():
+        whole = lm.final_hidden(inputs)
+        prompt, cache = lm.final_hidden_and_cache(inputs[:, :4])
+        after = lm.final_hidden_after(inputs[:, 4:], cache)
+        assert cache.get_seq_length() == 4  # cut back to the prompt
+        again = lm.final_hidden_after(inputs[:, 4:], cache)
+        logits = lm.last_logits(inputs, 3)
+    torch.testing.assert_close(torch.cat([prompt, after], dim=1), whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, after, rtol=0, atol=0)
+    assert logits.shape == (2, 3, MODEL_VOCAB)
+    torch.testing.assert_close(logits, lm.unembed(whole[:, -3:]), rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_load(saved_models):

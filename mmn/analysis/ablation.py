@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -95,12 +96,8 @@ def ablate_masks(lm: LanguageModel, masks: Mapping[int, Tensor], mode: str = "ze
         value = torch.zeros((), dtype=activation.dtype, device=activation.device) if values is None else values
         return (torch.where(mask, value, activation), *args[1:])
 
-    handles = [module.register_forward_pre_hook(replace) for module in plan]
-    try:
+    with lm.hooks(pre=[(module, replace) for module in plan]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # ----------------------------------------------------------------------------- mean activations
@@ -116,16 +113,11 @@ def mean_activations(captioner, pixel_batches: Iterable[Tensor]) -> dict[int, Te
     def accumulate(module, args, layer):
         sums[layer] += args[0].double().sum(dim=(0, 1)).cpu()  # args[0]: [batch, pos, d_mlp]
 
-    handles = [lm.mlp_out(layer).register_forward_pre_hook(lambda m, a, layer=layer: accumulate(m, a, layer))
-               for layer in range(lm.n_layers)]
-    try:
+    with lm.hooks(pre=[(lm.mlp_out(layer), partial(accumulate, layer=layer)) for layer in range(lm.n_layers)]):
         for pixels in pixel_batches:
             inputs = captioner.input_embeddings(pixels)  # [batch, n_prompt, d_lm]
-            lm.model.base_model(inputs_embeds=inputs, use_cache=False)
+            lm.final_hidden(inputs)
             count += inputs.shape[0] * inputs.shape[1]
-    finally:
-        for handle in handles:
-            handle.remove()
     if count == 0:
         raise ValueError("mean_activations: the reference image set is empty")
     return {layer: (total / count).float() for layer, total in sums.items()}
@@ -210,13 +202,11 @@ def probability_and_caption(lm: LanguageModel, inputs_embeds: Tensor, n_prompt: 
     teacher-forced on the prompt's KV cache to read p(c) at target_positions [rows], then the
     cache is cut back to the prompt and decoding starts from the prompt's last position.
     -> (p(c) [rows], each row's caption token ids)"""
-    prompt = lm.model.base_model(inputs_embeds=inputs_embeds[:, :n_prompt], use_cache=True)
-    cache = prompt.past_key_values
-    hidden = prompt.last_hidden_state[:, -1:]  # [rows, 1, d_lm], after the final norm: predicts the 1st token
+    hidden, cache = lm.final_hidden_and_cache(inputs_embeds[:, :n_prompt])
+    hidden = hidden[:, -1:]  # [rows, 1, d_lm], after the final norm: predicts the 1st token
     if inputs_embeds.shape[1] > n_prompt:
-        forced = lm.model.base_model(inputs_embeds=inputs_embeds[:, n_prompt:], past_key_values=cache, use_cache=True)
-        hidden = torch.cat([hidden, forced.last_hidden_state], dim=1)  # positions n_prompt - 1, n_prompt, ...
-        cache.crop(-forced.last_hidden_state.shape[1])  # back to the prompt (a negative count: tokens to drop)
+        forced = lm.final_hidden_after(inputs_embeds[:, n_prompt:], cache)  # the cache back to the prompt after
+        hidden = torch.cat([hidden, forced], dim=1)  # positions n_prompt - 1, n_prompt, ...
     logits = logits_at(lm, hidden, target_positions - (n_prompt - 1))[:, : lm.vocab_size]  # [rows, vocab]
     probabilities = logits.float().softmax(dim=-1)[torch.arange(len(logits)), target_ids.to(logits.device)]
     return probabilities, lm.greedy_after(lm.unembed(hidden[:, 0]), cache, max_new_tokens)

@@ -39,29 +39,6 @@ METHODS = ("grad", "ig", "act")
 IG_RULES = tuple(SUPPORTED_METHODS)  # riemann_left/right/middle/trapezoid, gausslegendre
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early (nothing after the final norm is needed)."""
-
-
-def final_hidden(lm: LanguageModel, inputs_embeds: Tensor) -> Tensor:
-    """The residual stream after the LM's final norm: [rows, pos, d_model]. Read from the final
-    norm's output, so hooks may change the number of rows inside the pass (IG steps)."""
-    captured = []
-
-    def capture(module, args, output):
-        captured.append(output)
-        raise _Stop
-
-    handle = lm.final_norm.register_forward_hook(capture)
-    try:
-        lm.model.base_model(inputs_embeds=inputs_embeds, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured[0]
-
-
 def logits_at(lm: LanguageModel, hidden: Tensor, positions: Tensor) -> Tensor:
     """Full-vocabulary logits at one position per row: hidden [rows, pos, d_model] -> [rows, vocab]."""
     rows = torch.arange(len(hidden), device=hidden.device)
@@ -73,7 +50,7 @@ def target_logits(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Te
 
     inputs_embeds [batch, pos, d_model]; rows may be right-padded beyond their target position
     (causal attention never lets a position see what follows it)."""
-    logits = logits_at(lm, final_hidden(lm, inputs_embeds), target_positions)  # [batch, vocab]
+    logits = logits_at(lm, lm.final_hidden(inputs_embeds), target_positions)  # [batch, vocab]
     return logits[torch.arange(len(logits)), target_ids.to(logits.device)]
 
 
@@ -81,7 +58,7 @@ def target_logits(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Te
 def target_probabilities(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor,
                          target_ids: Tensor) -> Tensor:
     """p(c): the softmax over the tokenizer's real vocabulary at each row's target position.  -> [rows]"""
-    logits = logits_at(lm, final_hidden(lm, inputs_embeds), target_positions)[:, : lm.vocab_size]  # [rows, vocab]
+    logits = logits_at(lm, lm.final_hidden(inputs_embeds), target_positions)[:, : lm.vocab_size]  # [rows, vocab]
     probabilities = logits.float().softmax(dim=-1)
     return probabilities[torch.arange(len(probabilities)), target_ids.to(probabilities.device)]
 
@@ -114,14 +91,10 @@ def grad_attribution(lm: LanguageModel, inputs_embeds: Tensor, target_positions:
 
         output.register_hook(multiply)
 
-    handles = [module.register_forward_hook(partial(keep, index=index)) for index, module in enumerate(modules)]
-    try:
-        with torch.enable_grad():
-            logit = target_logits(lm, inputs_embeds.detach(), target_positions, target_ids)
-            torch.autograd.grad(logit.sum(), lowest)  # runs every hook above on the way down
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [(module, partial(keep, index=index)) for index, module in enumerate(modules)]
+    with lm.hooks(forward=hooks), torch.enable_grad():
+        logit = target_logits(lm, inputs_embeds.detach(), target_positions, target_ids)
+        torch.autograd.grad(logit.sum(), lowest)  # runs every hook above on the way down
     return scores[0]
 
 
@@ -168,19 +141,13 @@ def ig_layer(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor,
             scaled["z"] = (output.detach() * scale[:, None, None]).requires_grad_()  # [n*batch, pos, d_mlp]
             return scaled["z"]
 
-        handles = [block.register_forward_pre_hook(repeat_inputs, with_kwargs=True),
-                   mlp_in.register_forward_hook(scale_pre_activation)]
-        # blocks above receive the model's batch-sized masks: repeat those too
-        handles += [above.register_forward_pre_hook(repeat_inputs, with_kwargs=True) for above in blocks_above]
-        try:
-            with torch.enable_grad():
-                hidden = final_hidden(lm, inputs_embeds.detach())  # [n*batch, pos, d_model]
-                logits = logits_at(lm, hidden, target_positions.repeat(n))  # [n*batch, vocab]
-                logit = logits[torch.arange(len(logits)), target_ids.to(logits.device).repeat(n)]
-                (gradient,) = torch.autograd.grad(logit.sum(), scaled["z"])
-        finally:
-            for handle in handles:
-                handle.remove()
+        # the blocks above receive the model's batch-sized masks: repeat those too
+        with lm.hooks(forward=[(mlp_in, scale_pre_activation)],
+                      pre_with_kwargs=[(each, repeat_inputs) for each in [block, *blocks_above]]), torch.enable_grad():
+            hidden = lm.final_hidden(inputs_embeds.detach())  # [n*batch, pos, d_model]
+            logits = logits_at(lm, hidden, target_positions.repeat(n))  # [n*batch, vocab]
+            logit = logits[torch.arange(len(logits)), target_ids.to(logits.device).repeat(n)]
+            (gradient,) = torch.autograd.grad(logit.sum(), scaled["z"])
         step_weights = weights[chunk].to(gradient.device, gradient.dtype)
         total = total + torch.einsum("s,sbpk->bpk", step_weights, gradient.unflatten(0, (n, batch)))
     return (pre_activation * total)[:, positions]
@@ -207,12 +174,8 @@ def act_attribution(lm: LanguageModel, inputs_embeds: Tensor, target_positions: 
     def capture(module, args):
         activations[module] = args[0][:, positions]
 
-    handles = [module.register_forward_pre_hook(capture) for module in modules]
-    try:
-        final_hidden(lm, inputs_embeds)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with lm.hooks(pre=[(module, capture) for module in modules]):
+        lm.final_hidden(inputs_embeds)
     return torch.stack([activations[module] for module in modules], dim=1)
 
 

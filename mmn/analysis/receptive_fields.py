@@ -16,6 +16,7 @@ rows [r H / gh, (r + 1) H / gh) x columns [c W / gw, (c + 1) W / gw) of an H x W
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -72,13 +73,8 @@ def unit_activation_maps(captioner, pixels: Tensor, units: Tensor | Sequence[tup
         activation = args[0][:, :n_image, units[rows, 1].to(args[0].device)]  # [batch, n_image, n_rows]
         maps[:, rows] = activation.transpose(1, 2).float().cpu()
 
-    handles = [lm.mlp_out(layer).register_forward_pre_hook(lambda m, a, layer=layer: record(m, a, layer))
-               for layer in rows_of_layer]
-    try:
-        lm.model.base_model(inputs_embeds=captioner.input_embeddings(pixels), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with lm.hooks(pre=[(lm.mlp_out(layer), partial(record, layer=layer)) for layer in rows_of_layer]):
+        lm.final_hidden(captioner.input_embeddings(pixels))
     return maps.reshape(len(pixels), len(units), grid_h, grid_w)
 
 

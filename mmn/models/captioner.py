@@ -52,7 +52,8 @@ class Captioner(nn.Module):
         self.encoder = encoder
         self.projection = projection
         self.lm = lm
-        # Registered as a submodule so .to(), .parameters() and hooks by name reach the LM.
+        # The HF model registered as a submodule, so .to(), .train()/.eval(), .parameters() and Lightning's
+        # device moves reach the LM (LanguageModel is no nn.Module); forward passes go through self.lm.
         self.language_model = lm.model
         self.prompt = prompt
         prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -11,9 +11,9 @@ A `LanguageModel` wraps a frozen Hugging Face causal LM and its tokenizer, and a
 
 Terms used throughout mmn (as in the paper and TransformerLens):
 
-- **pre-activation Z** (hook "pre"): the OUTPUT of the MLP's input projection,
+- **pre-activation Z**: the OUTPUT of the MLP's input projection,
   `[batch, pos, d_mlp]`. For GPT-J that is `transformer.h.{l}.mlp.fc_in`, before the GELU.
-- **activation A** (hook "post"): the INPUT of the MLP's output projection,
+- **activation A**: the INPUT of the MLP's output projection,
   `[batch, pos, d_mlp]`; for GPT-J, GPT-2 and GPT-NeoX it is `act(Z)`.
 - **Gated MLPs (Llama, Mistral, Qwen2)** compute `down_proj(act_fn(gate_proj(x)) * up_proj(x))`.
   There the pre-activation Z is the `gate_proj` output, before `act_fn`, and the unit
@@ -25,6 +25,14 @@ Terms used throughout mmn (as in the paper and TransformerLens):
   `unit_out_directions(layer)` (`[d_mlp, d_model]`): column k of the output projection's
   weight for `nn.Linear`, row k for GPT-2's transposed `Conv1D`.
 
+Hooks go through `LanguageModel.hooks`, a context manager that removes them on exit, and the
+LM runs on input embeddings through `final_hidden` (no cache), `final_hidden_and_cache` /
+`final_hidden_after` (a KV cache), `last_logits` and `greedy`, so no caller needs the HF model's
+internals:
+
+    with lm.hooks(pre=[(lm.mlp_out(7), lambda module, args: seen.append(args[0]))]):  # A, [batch, pos, d_mlp]
+        lm.final_hidden(inputs_embeds)
+
 Loading goes through `LanguageModel.from_pretrained(hub_id_or_local_dir, ...)`; the
 model comes back in eval mode with every parameter frozen (requires_grad False).
 """
@@ -32,6 +40,8 @@ model comes back in eval mode with every parameter frozen (requires_grad False).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +49,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.cache_utils import Cache
 from transformers.pytorch_utils import Conv1D
 
 
@@ -117,9 +128,6 @@ FAMILIES: dict[str, LMFamily] = {
     )
 }
 
-HOOK_WHERE = ("pre", "post")
-
-
 def family_of(model_or_config) -> LMFamily:
     """The `LMFamily` of a HF model, config, or `config.model_type` string."""
     if isinstance(model_or_config, str):
@@ -172,6 +180,10 @@ def freeze(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early (`LanguageModel.final_hidden`)."""
 
 
 class LanguageModel:
@@ -234,16 +246,6 @@ class LanguageModel:
         """Module whose input is the unit activation A  # [batch, pos, d_mlp]."""
         return self.block(layer).get_submodule(self.family.mlp_out)
 
-    def hook_point(self, layer: int, where: str) -> str:
-        """Full module name to hook: "pre" -> take the OUTPUT of that module (Z);
-        "post" -> take the INPUT of that module (A)."""
-        layer = self._check_layer(layer)
-        if where == "pre":
-            return f"{self.family.blocks}.{layer}.{self.family.mlp_in}"
-        if where == "post":
-            return f"{self.family.blocks}.{layer}.{self.family.mlp_out}"
-        raise ValueError(f"unknown hook point {where!r}: use one of {HOOK_WHERE}")
-
     def unit_out_directions(self, layer: int) -> Tensor:
         """[d_mlp, d_model]: row k is what unit k adds to the residual stream per unit of activation.
 
@@ -276,6 +278,74 @@ class LanguageModel:
     def embed_tokens(self, ids: Tensor) -> Tensor:
         """[batch, pos] token ids -> [batch, pos, d_model] input embeddings."""
         return self.embedding(ids.to(self.device))
+
+    # ----- running the model ------------------------------------------------------------
+
+    @staticmethod
+    @contextmanager
+    def hooks(forward: Iterable[tuple[nn.Module, Callable]] = (), pre: Iterable[tuple[nn.Module, Callable]] = (),
+              pre_with_kwargs: Iterable[tuple[nn.Module, Callable]] = ()) -> Iterator[None]:
+        """Hooks on modules of the model inside the block, removed on exit, exceptions included.
+
+        Each argument holds (module, fn) pairs, registered in the order given (forward, then pre,
+        then pre_with_kwargs); a module may appear more than once:
+            forward:          fn(module, args, output) -> a replacement output, or None
+            pre:              fn(module, args) -> replacement args, or None
+            pre_with_kwargs:  fn(module, args, kwargs) -> replacement (args, kwargs), or None
+        e.g. `forward=[(lm.mlp_in(l), fn)]` sees Z and `pre=[(lm.mlp_out(l), fn)]` sees A as
+        args[0], both [batch, pos, d_mlp]."""
+        handles = []
+        try:
+            for module, fn in forward:  # one at a time, so a failure midway leaves none behind
+                handles.append(module.register_forward_hook(fn))
+            for module, fn in pre:
+                handles.append(module.register_forward_pre_hook(fn))
+            for module, fn in pre_with_kwargs:
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def final_hidden(self, inputs_embeds: Tensor) -> Tensor:
+        """The residual stream after the final norm, no KV cache kept:
+        inputs_embeds [rows, pos, d_model] -> [rows', pos, d_model].
+
+        Read from the final norm's output and the pass stopped there (the unembedding never runs),
+        so hooks may change the number of rows inside the pass (rows' != rows: IG's steps)."""
+        captured = []
+
+        def capture(module, args, output):
+            captured.append(output)
+            raise _StopForward
+
+        with self.hooks(forward=[(self.final_norm, capture)]):
+            try:
+                self.model.base_model(inputs_embeds=inputs_embeds, use_cache=False)
+            except _StopForward:
+                pass
+        return captured[0]
+
+    def final_hidden_and_cache(self, inputs_embeds: Tensor) -> tuple[Tensor, Cache]:
+        """A prompt's pass that keeps its KV cache: inputs_embeds [rows, pos, d_model] ->
+        (the residual stream after the final norm [rows, pos, d_model], the cache). The cache goes
+        on to `final_hidden_after` and `greedy_after`."""
+        output = self.model.base_model(inputs_embeds=inputs_embeds, use_cache=True)
+        return output.last_hidden_state, output.past_key_values
+
+    def final_hidden_after(self, inputs_embeds: Tensor, cache: Cache) -> Tensor:
+        """The residual stream after the final norm [rows, pos, d_model] at positions that follow
+        those in `cache` (inputs_embeds [rows, pos, d_model], e.g. a teacher-forced caption); the
+        cache is cut back to the positions it held before."""
+        output = self.model.base_model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True)
+        hidden = output.last_hidden_state
+        cache.crop(-hidden.shape[1])  # a negative count: the positions to drop from the end
+        return hidden
+
+    def last_logits(self, inputs_embeds: Tensor, n_positions: int) -> Tensor:
+        """Logits of the last n_positions positions only (the unembedding never sees the others):
+        inputs_embeds [batch, pos, d_model] -> [batch, n_positions, vocab]."""
+        return self.model(inputs_embeds=inputs_embeds, logits_to_keep=n_positions).logits
 
     @torch.no_grad()
     def greedy(self, inputs_embeds: Tensor, max_new_tokens: int = 20) -> list[list[int]]:

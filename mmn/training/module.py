@@ -79,7 +79,7 @@ class ProjectionTraining(LightningModule):
         inputs = torch.cat([prompts.to(text.dtype), text], dim=1)  # [batch, n_img + n_text, d_lm]
         # Position n_img - 1 + j predicts caption token j: keep the last n_text + 1 positions' logits
         # (not all n_img + n_text: GPT-J's vocabulary is 50k wide) and drop the final one.
-        logits = self.captioner.language_model(inputs_embeds=inputs, logits_to_keep=n_text + 1).logits[:, :-1]
+        logits = self.captioner.lm.last_logits(inputs, n_text + 1)[:, :-1]  # [batch, n_text, vocab]
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX)
 

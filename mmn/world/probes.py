@@ -14,6 +14,8 @@ one half of a held-out render and scored on the objects of the other half.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -102,14 +104,12 @@ def write_norms(captioner, pixels: torch.Tensor) -> dict:
     inputs = captioner.input_embeddings(pixels)  # [batch, n_img + n_text, d_lm]
     n_image = captioner.n_image_tokens
     mlp = {}
-    handles = [lm.mlp_out(layer).register_forward_hook(
-        lambda module, args, output, layer=layer: mlp.__setitem__(layer, output[:, :n_image].norm(dim=-1).mean().item()))
-        for layer in range(lm.n_layers)]
-    try:
-        lm.model(inputs_embeds=inputs.to(lm.dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def record(module, args, output, layer):
+        mlp[layer] = output[:, :n_image].norm(dim=-1).mean().item()  # output: [batch, pos, d_lm]
+
+    with lm.hooks(forward=[(lm.mlp_out(layer), partial(record, layer=layer)) for layer in range(lm.n_layers)]):
+        lm.final_hidden(inputs.to(lm.dtype))
     return {"prompt": inputs[:, :n_image].norm(dim=-1).mean().item(),
             "text_embedding": inputs[:, n_image:].norm(dim=-1).mean().item(),
             "mlp": [round(mlp[layer], 3) for layer in range(lm.n_layers)]}
