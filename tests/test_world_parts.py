@@ -234,6 +234,7 @@ def test_shipped_parts_are_copied_only_for_their_own_key_and_hashes(tmp_path, ca
         for file in (tmp_path / "trained" / part).iterdir():
             assert (tmp_path / "copied" / part / file.name).read_bytes() == file.read_bytes()
     assert "lm shipped" in world_summary(copied)
+    assert ship_world(tmp_path / "copied", tmp_path / "again")["parts"] == manifest["parts"]  # re-shipping a copy
 
     # another CLIP config trains the CLIP only; other scenes decide every part
     clip_changed = {**TINY_WORLD, "clip": {**TINY_CLIP, "steps": 5}}

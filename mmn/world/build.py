@@ -183,8 +183,7 @@ def ship_world(world_dir: str | Path, shipped_dir: str | Path = SHIPPED_DIR) -> 
         shutil.copytree(Path(world_dir) / part, shipped_dir / part)
         manifest["parts"][part] = {
             "key": part_key(info["config"], part),
-            "metrics": info["metrics"][part],
-            "seconds_to_train": info["timings_s"][part],
+            "metrics": info["metrics"][part],  # with the part's training time, "seconds"
             "sha256": {f.name: _sha256(f) for f in sorted((shipped_dir / part).iterdir())},
         }
     (shipped_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -250,7 +249,7 @@ def build_world(cfg: Mapping | None = None, out_dir: str | Path = "world", force
                 shutil.copytree(shipped_dir / part, out_dir / part)
                 metrics[part] = entry["metrics"]
                 log.info("Shapes world: %s copied from %s (built from this config; %.0f s to train)",
-                         part, shipped_dir / part, entry["seconds_to_train"])
+                         part, shipped_dir / part, entry["metrics"]["seconds"])
         clock = stage("shipped", clock)
     sources = {part: "shipped" if part in metrics else "trained" for part in PARTS}
 
