@@ -223,7 +223,6 @@ def train_clip(
     # Stored in half precision: the text tower's token table (open_clip's 49,408 BPE tokens x
     # text_width) would be 25 MB in fp32, most of what the repository may ship (mmn/world/shipped).
     # The weights are rounded before the held-out metrics, so that these describe the saved model.
-    model.eval()
     with torch.no_grad():
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
