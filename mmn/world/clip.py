@@ -33,8 +33,8 @@ from open_clip.loss import ClipLoss
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+
+from mmn.world.optimise import epoch_batches, fit
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -198,27 +198,15 @@ def train_clip(
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n and "logit_scale" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     loss_fn = ClipLoss()
-    generator = torch.Generator().manual_seed(seed)
-    order, position = torch.randperm(len(train_pixels), generator=generator), 0
-    model.train()
-    bar = tqdm(range(cfg.steps), desc="world CLIP (pairs)", disable=not progress)
-    for _ in bar:
-        if position + cfg.batch_size > len(order):  # next epoch
-            order, position = torch.randperm(len(train_pixels), generator=generator), 0
-        batch = order[position : position + cfg.batch_size]
-        position += cfg.batch_size
-        image_features, text_features, logit_scale = model(train_pixels[batch], train_tokens[batch])
-        loss = loss_fn(image_features, text_features, logit_scale)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # as open_clip's training script: temperature at most 100
+
+    def clamp_temperature() -> None:  # as open_clip's training script: temperature at most 100
+        with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    fit(model, optimizer, epoch_batches(len(train_pixels), cfg.batch_size, torch.Generator().manual_seed(seed)),
+        lambda batch: loss_fn(*model(train_pixels[batch], train_tokens[batch])), cfg.steps, cfg.warmup_steps,
+        "world CLIP (pairs)", progress, after_step=clamp_temperature)
 
     # Stored in half precision: the text tower's token table (open_clip's 49,408 BPE tokens x
     # text_width) would be 25 MB in fp32, most of what the repository may ship (mmn/world/shipped).

@@ -50,8 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from tqdm.auto import tqdm
-from transformers import BeitConfig, BeitImageProcessor, BeitModel, get_cosine_schedule_with_warmup
+from transformers import BeitConfig, BeitImageProcessor, BeitModel
+
+from mmn.world.optimise import epoch_batches, fit
 
 PIXEL_MEAN = (0.5, 0.5, 0.5)  # what the saved processor normalises with; training uses the same
 PIXEL_STD = (0.5, 0.5, 0.5)
@@ -325,22 +326,9 @@ def train_image_encoder(
     model = TokenPredictionModel(cfg)
     before = token_metrics(model, held_out, held_out_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    order, position = torch.randperm(len(train), generator=generator), 0
-    model.train()
-    bar = tqdm(range(cfg.steps), desc="world encoder (images only, object tokens)", disable=not progress)
-    for _ in bar:
-        if position + cfg.batch_size > len(order):  # next epoch
-            order, position = torch.randperm(len(train), generator=generator), 0
-        batch = order[position : position + cfg.batch_size]
-        position += cfg.batch_size
-        loss = model.loss(model(to_pixels(train[batch])), train_tokens[batch])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    fit(model, optimizer, epoch_batches(len(train), cfg.batch_size, generator),
+        lambda batch: model.loss(model(to_pixels(train[batch])), train_tokens[batch]), cfg.steps, cfg.warmup_steps,
+        "world encoder (images only, object tokens)", progress)
 
     after = token_metrics(model, held_out, held_out_tokens)
     out_dir = Path(out_dir)

@@ -28,13 +28,14 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import mmn  # noqa: F401  (torchvision shim before transformers)
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from tqdm.auto import tqdm
-from transformers import GPT2Tokenizer, GPTJConfig, GPTJForCausalLM, get_cosine_schedule_with_warmup
+from transformers import GPT2Tokenizer, GPTJConfig, GPTJForCausalLM
+
+from mmn.world.optimise import fit
 
 END_OF_TEXT = "<|endoftext|>"
 GREEDY_PROMPTS = ("A picture of", "A picture of a red", "A picture of two")  # reported after training
@@ -211,21 +212,16 @@ def train_text_lm(
     eval_loss_init = mean_loss(model, eval_stream, cfg.seq_len)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     window_rng = torch.Generator().manual_seed(seed)
-    model.train()
-    bar = tqdm(range(cfg.steps), desc="world LM (text only)", disable=not progress)
-    for _ in bar:
+
+    def windows() -> Iterator[torch.Tensor]:
         # random windows of the stream: captions start anywhere, so every position is trained
-        starts = torch.randint(0, len(train_stream) - cfg.seq_len, (cfg.batch_size,), generator=window_rng)
-        ids = torch.stack([train_stream[s : s + cfg.seq_len] for s in starts.tolist()])  # [batch, pos]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        while True:
+            starts = torch.randint(0, len(train_stream) - cfg.seq_len, (cfg.batch_size,), generator=window_rng)
+            yield torch.stack([train_stream[s : s + cfg.seq_len] for s in starts.tolist()])  # [batch, pos]
+
+    fit(model, optimizer, windows(), lambda ids: model(input_ids=ids, labels=ids).loss, cfg.steps, cfg.warmup_steps,
+        "world LM (text only)", progress)
 
     eval_loss = mean_loss(model, eval_stream, cfg.seq_len)
     continuations = greedy_continuations(model, tokenizer, GREEDY_PROMPTS)
