@@ -5,16 +5,15 @@ import mmn  # noqa: F401,I001  (torchvision shim before transformers)
 
 import pytest
 import torch
-from test_lm import build_tiny, build_tokenizer, D_MLP
 
 from mmn.analysis.ablation import ablate, parse_size, resolve_sizes
 from mmn.models.lm import LanguageModel
 
 
 @pytest.fixture(params=["gptj", "llama"])
-def lm(request):
+def lm(request, tiny_lm, tiny_tokenizer):
     torch.manual_seed(0)
-    return LanguageModel(build_tiny(request.param).eval(), build_tokenizer())
+    return LanguageModel(tiny_lm(request.param).eval(), tiny_tokenizer())
 
 
 def activations(lm: LanguageModel, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
@@ -32,17 +31,18 @@ def activations(lm: LanguageModel, ids: torch.Tensor) -> tuple[dict[int, torch.T
 
 
 @pytest.mark.parametrize("mode", ["zero", "mean"])
-def test_ablated_units_read_their_value_and_the_rest_is_unchanged(lm, mode):
+def test_ablated_units_read_their_value_and_the_rest_is_unchanged(lm, tiny_lm_sizes, mode):
+    d_mlp = tiny_lm_sizes.d_mlp
     ids = torch.randint(2, 20, (2, 7))
     clean, clean_logits = activations(lm, ids)
-    means = {layer: torch.randn(D_MLP) for layer in range(lm.n_layers)}
+    means = {layer: torch.randn(d_mlp) for layer in range(lm.n_layers)}
     units = [3, 40, 95]
     with ablate(lm, {0: units}, mode=mode, means=means):
         ablated, ablated_logits = activations(lm, ids)
 
     expected = torch.zeros(2, 7, len(units)) if mode == "zero" else means[0][units].expand(2, 7, -1)
     assert torch.equal(ablated[0][..., units], expected)
-    others = torch.ones(D_MLP, dtype=torch.bool)
+    others = torch.ones(d_mlp, dtype=torch.bool)
     others[units] = False
     assert torch.equal(ablated[0][..., others], clean[0][..., others])  # same input to layer 0's MLP
     assert not torch.allclose(ablated[1], clean[1])  # the change reaches the next layer
@@ -80,14 +80,14 @@ def test_bad_ablations_are_named_before_any_hook(lm):
     assert all(not lm.mlp_out(layer)._forward_pre_hooks for layer in range(lm.n_layers))
 
 
-def test_first_positions_ablates_the_prompt_only(lm):
+def test_first_positions_ablates_the_prompt_only(lm, tiny_lm_sizes):
     """first_positions=n: the first n positions of a pass that holds them; a single-token pass
     (cached generation, after the prompt) is left alone."""
     from mmn.analysis.ablation import ablate_masks
 
     ids = torch.randint(2, 20, (2, 7))
     clean, _ = activations(lm, ids)
-    mask = torch.zeros(D_MLP, dtype=torch.bool)
+    mask = torch.zeros(tiny_lm_sizes.d_mlp, dtype=torch.bool)
     mask[[3, 40]] = True
     with ablate_masks(lm, {0: mask}, first_positions=3):
         ablated, _ = activations(lm, ids)
@@ -97,21 +97,22 @@ def test_first_positions_ablates_the_prompt_only(lm):
     assert torch.equal(step[0], activations(lm, ids[:, :1])[0][0])
 
 
-def test_sweep_equals_one_ablated_forward_and_generate_per_setting(lm):
+def test_sweep_equals_one_ablated_forward_and_generate_per_setting(lm, tiny_lm_sizes):
     """ablation_sweep (settings as rows of one batch, one prompt pass for both p(c) and the caption)
     gives the p(c) and the greedy caption of ablating each setting alone."""
     from mmn.analysis.ablation import ablation_settings, ablation_sweep
     from mmn.analysis.attribution import target_probabilities
 
+    d_mlp = tiny_lm_sizes.d_mlp
     torch.manual_seed(1)
     n_prompt, images = 6, 2
     inputs = torch.randn(images, n_prompt + 3, lm.d_model) * 0.5  # prompt + 3 caption tokens; c after the 2nd
     positions, ids = torch.tensor([n_prompt - 1, n_prompt + 1]), torch.tensor([5, 9])
     settings = []
     for image in range(images):
-        order = torch.randperm(lm.n_layers * D_MLP)
-        ranking = torch.stack([order // D_MLP, order % D_MLP], dim=1)
-        settings.append(ablation_settings(ranking, ranking[::3], [0, 10, 60], D_MLP,
+        order = torch.randperm(lm.n_layers * d_mlp)
+        ranking = torch.stack([order // d_mlp, order % d_mlp], dim=1)
+        settings.append(ablation_settings(ranking, ranking[::3], [0, 10, 60], d_mlp,
                                           torch.Generator().manual_seed(image)))
     swept = ablation_sweep(lm, inputs, positions, ids, settings, range(lm.n_layers), n_prompt=n_prompt,
                            max_new_tokens=5, rows_per_pass=4)

@@ -5,16 +5,15 @@ import mmn  # noqa: F401,I001  (torchvision shim before transformers)
 import pytest
 import torch
 from captum.attr import IntegratedGradients, LayerGradientXActivation
-from test_lm import build_tiny, build_tokenizer, D_MLP
 
 from mmn.analysis.attribution import attribute, grad_attribution, ig_attribution, target_logits
 from mmn.models.lm import LanguageModel
 
 
 @pytest.fixture(params=["gptj", "gpt2", "llama"])
-def lm(request):
+def lm(request, tiny_lm, tiny_tokenizer):
     torch.manual_seed(0)
-    return LanguageModel(build_tiny(request.param).eval(), build_tokenizer())
+    return LanguageModel(tiny_lm(request.param).eval(), tiny_tokenizer())
 
 
 def model_target_logits(lm, inputs, target_positions, target_ids):
@@ -24,7 +23,7 @@ def model_target_logits(lm, inputs, target_positions, target_ids):
     return logits[torch.arange(len(logits)), target_positions, target_ids]
 
 
-def test_grad_matches_captum_over_all_layers(lm):
+def test_grad_matches_captum_over_all_layers(lm, tiny_lm_sizes):
     torch.manual_seed(1)
     inputs = torch.randn(3, 9, lm.d_model)  # 6 "image patches" + 3 text positions, right-padded rows
     target_positions, target_ids = torch.tensor([8, 7, 6]), torch.tensor([4, 11, 2])
@@ -35,19 +34,19 @@ def test_grad_matches_captum_over_all_layers(lm):
     captum = LayerGradientXActivation(lambda x: model_target_logits(lm, x, target_positions, target_ids),
                                       [lm.mlp_in(layer) for layer in layers])
     theirs = torch.stack([a[:, patches] for a in captum.attribute(inputs)], dim=1)
-    assert ours.shape == (3, lm.n_layers, 6, D_MLP)
+    assert ours.shape == (3, lm.n_layers, 6, tiny_lm_sizes.d_mlp)
     assert ours.abs().max() > 0
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
-def test_grad_over_some_layers_and_positions_is_the_same_slice_of_all(lm):
+def test_grad_over_some_layers_and_positions_is_the_same_slice_of_all(lm, tiny_lm_sizes):
     torch.manual_seed(3)
     inputs = torch.randn(2, 9, lm.d_model)
     target_positions, target_ids = torch.tensor([8, 6]), torch.tensor([4, 2])
     every = grad_attribution(lm, inputs, target_positions, target_ids, list(range(lm.n_layers)), slice(0, 9))
     layers, positions = [1, lm.n_layers - 1], torch.tensor([0, 2, 5])
     some = grad_attribution(lm, inputs, target_positions, target_ids, layers, positions)  # [2, 2, 3, d_mlp]
-    assert some.shape == (2, 2, 3, D_MLP)
+    assert some.shape == (2, 2, 3, tiny_lm_sizes.d_mlp)
     torch.testing.assert_close(some, every[:, layers][:, :, positions])
 
 
@@ -95,13 +94,13 @@ def act_like_pre_activation(lm, inputs, layer):
 
 
 @pytest.mark.parametrize("rule", ["riemann_right", "riemann_trapezoid"])
-def test_ig_matches_captum_layer_by_layer(lm, rule):
+def test_ig_matches_captum_layer_by_layer(lm, tiny_lm_sizes, rule):
     torch.manual_seed(3)
     inputs = torch.randn(2, 9, lm.d_model)
     target_positions, target_ids = torch.tensor([8, 6]), torch.tensor([4, 11])
     patches = slice(0, 6)
     ours = ig_attribution(lm, inputs, target_positions, target_ids, [0, 1], patches, steps=7, rule=rule)
-    assert ours.shape == (2, 2, 6, D_MLP) and ours.abs().max() > 0
+    assert ours.shape == (2, 2, 6, tiny_lm_sizes.d_mlp) and ours.abs().max() > 0
     for i, layer in enumerate([0, 1]):
         theirs = captum_ig_layer(lm, inputs, target_positions, target_ids, layer, 7, rule)[:, patches]
         torch.testing.assert_close(ours[:, i], theirs, rtol=1e-4, atol=1e-6)

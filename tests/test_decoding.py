@@ -4,16 +4,15 @@ import mmn  # noqa: F401,I001  (torchvision shim before transformers)
 
 import pytest
 import torch
-from test_lm import build_tiny, build_tokenizer
 
 from mmn.analysis.decoding import decode_units, unit_token_scores
 from mmn.models.lm import LanguageModel
 
 
 @pytest.fixture(params=["gptj", "gpt2"])  # nn.Linear and Conv1D output projections
-def lm(request):
+def lm(request, tiny_lm, tiny_tokenizer):
     torch.manual_seed(0)
-    return LanguageModel(build_tiny(request.param).eval(), build_tokenizer())
+    return LanguageModel(tiny_lm(request.param).eval(), tiny_tokenizer())
 
 
 def test_planted_unit_decodes_to_its_token(lm):

@@ -9,68 +9,17 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTJConfig,
-    GPTJForCausalLM,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedTokenizerFast,
-)
 from transformers.pytorch_utils import Conv1D
-
-WORDS = "a picture of the red blue green circle square triangle star heart next to on left right big small".split()
-MODEL_VOCAB = 40  # more embedding rows than real tokens, as in LiMBeR's resized GPT-J
-D_MODEL, D_MLP, N_LAYERS = 32, 96, 2  # d_mlp != 4 * d_model so a wrong width cannot pass
-
-
-def build_tiny(family: str):
-    if family == "gptj":
-        config = GPTJConfig(vocab_size=MODEL_VOCAB, n_positions=64, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=4,
-                            rotary_dim=4, n_inner=D_MLP)
-        return GPTJForCausalLM(config)
-    if family == "gpt2":
-        config = GPT2Config(vocab_size=MODEL_VOCAB, n_positions=64, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=4,
-                            n_inner=D_MLP)
-        return GPT2LMHeadModel(config)
-    if family == "gpt_neox":
-        config = GPTNeoXConfig(vocab_size=MODEL_VOCAB, max_position_embeddings=64, hidden_size=D_MODEL,
-                               num_hidden_layers=N_LAYERS, num_attention_heads=4, intermediate_size=D_MLP)
-        return GPTNeoXForCausalLM(config)
-    if family == "llama":
-        config = LlamaConfig(vocab_size=MODEL_VOCAB, max_position_embeddings=64, hidden_size=D_MODEL,
-                             num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=D_MLP)
-        return LlamaForCausalLM(config)
-    if family == "mistral":
-        config = MistralConfig(vocab_size=MODEL_VOCAB, max_position_embeddings=64, hidden_size=D_MODEL,
-                               num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                               intermediate_size=D_MLP)
-        return MistralForCausalLM(config)
-    raise AssertionError(family)
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"[UNK]": 0, "<|endoftext|>": 1} | {w: i + 2 for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="module")
-def saved_models(tmp_path_factory):
+def saved_models(tmp_path_factory, tiny_lm, tiny_tokenizer):
     """family -> (directory, the original random model)."""
     torch.manual_seed(0)
-    tokenizer = build_tokenizer()
+    tokenizer = tiny_tokenizer()
     saved = {}
     for family in ("gptj", "gpt2", "gpt_neox", "llama", "mistral"):
-        model = build_tiny(family).eval()
+        model = tiny_lm(family).eval()
         directory = tmp_path_factory.mktemp(family)
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
@@ -100,14 +49,15 @@ def capture(lm: LanguageModel, layer: int, ids: torch.Tensor) -> dict[str, torch
     "saved_as, family",
     [("gptj", "gptj"), ("gpt2", "gpt2"), ("gpt_neox", "gpt_neox"), ("llama", "llama"), ("mistral", "llama")],
 )
-def test_load_and_locate_mlp(saved_models, saved_as, family):
+def test_load_and_locate_mlp(saved_models, tiny_lm_sizes, saved_as, family):
+    sizes = tiny_lm_sizes
     directory, original = saved_models[saved_as]
     lm = LanguageModel.from_pretrained(directory)
 
     assert lm.family is FAMILIES[family]
-    assert (lm.n_layers, lm.d_model, lm.d_mlp) == (N_LAYERS, D_MODEL, D_MLP)
-    assert lm.vocab_size == len(WORDS) + 2  # tokenizer rows, not the 40 embedding rows
-    assert lm.unembed.weight.shape == (MODEL_VOCAB, D_MODEL)
+    assert (lm.n_layers, lm.d_model, lm.d_mlp) == (sizes.n_layers, sizes.d_model, sizes.d_mlp)
+    assert lm.vocab_size == len(sizes.words) + 2  # tokenizer rows, not the 40 embedding rows
+    assert lm.unembed.weight.shape == (sizes.model_vocab, sizes.d_model)
     assert not lm.model.training
     assert not any(p.requires_grad for p in lm.model.parameters())
 
@@ -122,8 +72,8 @@ def test_load_and_locate_mlp(saved_models, saved_as, family):
     assert ids.max() < lm.vocab_size
     for layer in range(lm.n_layers):
         seen = capture(lm, layer, ids)
-        assert seen["pre"].shape == (2, ids.shape[1], D_MLP)  # [batch, pos, d_mlp]
-        assert seen["post"].shape == (2, ids.shape[1], D_MLP)
+        assert seen["pre"].shape == (2, ids.shape[1], sizes.d_mlp)  # [batch, pos, d_mlp]
+        assert seen["post"].shape == (2, ids.shape[1], sizes.d_mlp)
         expected = lm.mlp_act(layer)(seen["pre"])
         if family == "llama":
             expected = expected * seen["up"]
@@ -140,16 +90,17 @@ def test_load_and_locate_mlp(saved_models, saved_as, family):
 
 
 @pytest.mark.parametrize("family", ["gptj", "gpt2", "gpt_neox", "llama"])
-def test_unit_out_directions_are_what_each_unit_writes(saved_models, family):
+def test_unit_out_directions_are_what_each_unit_writes(saved_models, tiny_lm_sizes, family):
+    d_model, d_mlp = tiny_lm_sizes.d_model, tiny_lm_sizes.d_mlp
     lm = LanguageModel.from_pretrained(saved_models[family][0])
     assert isinstance(lm.mlp_out(0), Conv1D) == (family == "gpt2")
     for layer in range(lm.n_layers):
         directions = lm.unit_out_directions(layer)  # [d_mlp, d_model]
-        assert directions.shape == (D_MLP, D_MODEL)
+        assert directions.shape == (d_mlp, d_model)
         out = lm.mlp_out(layer)
         with torch.no_grad():
-            base = out(torch.zeros(1, D_MLP))  # the bias alone
-            written = out(torch.eye(D_MLP)) - base  # row k: unit k at 1, all others at 0
+            base = out(torch.zeros(1, d_mlp))  # the bias alone
+            written = out(torch.eye(d_mlp)) - base  # row k: unit k at 1, all others at 0
         torch.testing.assert_close(written, directions, rtol=1e-5, atol=1e-6)
 
 
@@ -159,9 +110,11 @@ def hook_counts(lm: LanguageModel) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("family", ["gptj", "llama"])
-def test_hooks_run_inside_the_block_and_are_gone_after_it_exceptions_included(family):
+def test_hooks_run_inside_the_block_and_are_gone_after_it_exceptions_included(tiny_lm, tiny_tokenizer, tiny_lm_sizes,
+                                                                              family):
+    d_mlp = tiny_lm_sizes.d_mlp
     torch.manual_seed(0)
-    lm = LanguageModel(build_tiny(family).eval(), build_tokenizer())
+    lm = LanguageModel(tiny_lm(family).eval(), tiny_tokenizer())
     inputs = lm.embed_tokens(torch.randint(2, 20, (2, 5)))  # [batch, pos, d_model]
     with torch.no_grad():  # first, since it leaves transformers' own output-capturing hooks on Llama's layers
         reference = lm.model(inputs_embeds=inputs, output_hidden_states=True).hidden_states[-1]
@@ -173,7 +126,7 @@ def test_hooks_run_inside_the_block_and_are_gone_after_it_exceptions_included(fa
     with torch.no_grad(), lm.hooks(**hooks):
         assert hook_counts(lm) != none
         hidden = lm.final_hidden(inputs)
-    assert calls == [("Z", (2, 5, D_MLP)), ("block 1", None), ("A", (2, 5, D_MLP))]
+    assert calls == [("Z", (2, 5, d_mlp)), ("block 1", None), ("A", (2, 5, d_mlp))]
     assert hook_counts(lm) == none  # final_hidden's own hook on the final norm included
     with torch.no_grad():
         lm.final_hidden(inputs)
@@ -196,10 +149,10 @@ def test_hooks_run_inside_the_block_and_are_gone_after_it_exceptions_included(fa
 
 
 @pytest.mark.parametrize("family", ["gptj", "gpt_neox", "llama"])
-def test_cached_passes_equal_one_pass_and_give_the_cache_back(family):
+def test_cached_passes_equal_one_pass_and_give_the_cache_back(tiny_lm, tiny_tokenizer, tiny_lm_sizes, family):
     torch.manual_seed(0)
-    lm = LanguageModel(build_tiny(family).eval(), build_tokenizer())
-    inputs = torch.randn(2, 7, D_MODEL)  # [batch, pos, d_model]: a 4-position prompt and 3 more
+    lm = LanguageModel(tiny_lm(family).eval(), tiny_tokenizer())
+    inputs = torch.randn(2, 7, tiny_lm_sizes.d_model)  # [batch, pos, d_model]: a 4-position prompt and 3 more
     with torch.no_grad():
         whole = lm.final_hidden(inputs)
         prompt, cache = lm.final_hidden_and_cache(inputs[:, :4])
@@ -209,7 +162,7 @@ def test_cached_passes_equal_one_pass_and_give_the_cache_back(family):
         logits = lm.last_logits(inputs, 3)
     torch.testing.assert_close(torch.cat([prompt, after], dim=1), whole, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again, after, rtol=0, atol=0)
-    assert logits.shape == (2, 3, MODEL_VOCAB)
+    assert logits.shape == (2, 3, tiny_lm_sizes.model_vocab)
     torch.testing.assert_close(logits, lm.unembed(whole[:, -3:]), rtol=1e-5, atol=1e-6)
 
 

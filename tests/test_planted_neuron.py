@@ -12,7 +12,6 @@ import mmn  # noqa: F401,I001  (torchvision shim before transformers)
 
 import pytest
 import torch
-from test_lm import build_tiny, build_tokenizer, D_MODEL
 
 from mmn.analysis.ablation import ablation_settings, ablation_sweep
 from mmn.analysis.attribution import attribute, target_probabilities
@@ -23,12 +22,13 @@ from mmn.models.lm import LanguageModel
 PLANTED_LAYER, PLANTED_UNIT, REGION_PATCH, N_PATCHES = 0, 7, 2, 6
 
 
-def planted_model():
+def planted_model(tiny_lm, tiny_tokenizer, d_model: int):
+    """The wired GPT-J (tiny_lm("gptj") at width d_model) and the id of "circle"."""
     torch.manual_seed(0)
-    lm = LanguageModel(build_tiny("gptj").eval(), build_tokenizer())
+    lm = LanguageModel(tiny_lm("gptj").eval(), tiny_tokenizer())
     circle = lm.tokenizer.convert_tokens_to_ids("circle")
     # dimension 0 carries "circle", dimension 1 the image region r; inputs keep both at zero elsewhere
-    token_direction, region = torch.eye(D_MODEL)[0], torch.eye(D_MODEL)[1]
+    token_direction, region = torch.eye(d_model)[0], torch.eye(d_model)[1]
     with torch.no_grad():
         for name, parameter in lm.model.named_parameters():
             if parameter.dim() == 2 and "ln" not in name:
@@ -41,8 +41,8 @@ def planted_model():
             block.mlp.fc_out.weight[:2] = 0
             for projection in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.out_proj):
                 projection.weight.zero_()
-        lm.block(1).attn.v_proj.weight.copy_(torch.eye(D_MODEL))  # layer 1: uniform attention, values copied
-        lm.block(1).attn.out_proj.weight.copy_(torch.eye(D_MODEL))
+        lm.block(1).attn.v_proj.weight.copy_(torch.eye(d_model))  # layer 1: uniform attention, values copied
+        lm.block(1).attn.out_proj.weight.copy_(torch.eye(d_model))
         mlp = lm.block(PLANTED_LAYER).mlp
         mlp.fc_in.weight[PLANTED_UNIT] = 2.0 * region  # fires where the region direction is present
         mlp.fc_in.bias[PLANTED_UNIT] = -3.0
@@ -62,8 +62,8 @@ def images(n: int, d_model: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", ["grad", "ig"])
-def test_planted_unit_is_found_decoded_and_causal(method):
-    lm, circle = planted_model()
+def test_planted_unit_is_found_decoded_and_causal(tiny_lm, tiny_tokenizer, tiny_lm_sizes, method):
+    lm, circle = planted_model(tiny_lm, tiny_tokenizer, tiny_lm_sizes.d_model)
     inputs = images(3, lm.d_model)
     positions, targets = torch.full((3,), N_PATCHES + 2), torch.full((3,), circle)
     p_before = target_probabilities(lm, inputs, positions, targets)

@@ -9,16 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.stats import ks_2samp
-from test_lm import build_tiny, build_tokenizer
 
 from mmn.analysis.prompts import MIN_KS_VALUES, decode_prompts, ks_test, random_prompts
 from mmn.models.lm import LanguageModel
 
 
 @pytest.fixture
-def lm():
+def lm(tiny_lm, tiny_tokenizer):
     torch.manual_seed(0)
-    return LanguageModel(build_tiny("gptj").eval(), build_tokenizer())
+    return LanguageModel(tiny_lm("gptj").eval(), tiny_tokenizer())
 
 
 def test_prompt_along_a_token_embedding_decodes_to_that_token(lm):
