@@ -1,11 +1,11 @@
 """Run the paper's core analysis on a trained captioner: `python analyze.py` (the Shapes world),
 `python analyze.py -m attribution=grad,ig`, `python analyze.py ablation=mean layers.start=1`.
-The logic lives in mmn.analysis.run."""
+The logic lives in mmn.recipes.analyze."""
 
 import hydra
 from omegaconf import DictConfig
 
-from mmn.analysis.run import analyze
+from mmn.recipes.analyze import analyze
 from mmn.config import CONFIG_DIR, register_resolvers
 
 register_resolvers()

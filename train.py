@@ -1,12 +1,12 @@
 """Train the image-to-LM projection (LiMBeR's recipe) on the Shapes world, or wherever the
 config points: `python train.py`, `python train.py experiment=limber_beit_gptj`,
-`python train.py -m encoder=shapes,vit_random`. The logic lives in mmn.training."""
+`python train.py -m encoder=shapes,vit_random`. The logic lives in mmn.recipes.train."""
 
 import hydra
 from omegaconf import DictConfig
 
 from mmn.config import CONFIG_DIR, register_resolvers
-from mmn.training import train
+from mmn.recipes.train import train
 
 register_resolvers()
 

@@ -51,7 +51,7 @@ def one_forward_per_setting(lm, inputs, positions, ids, settings, layers, n_prom
     for s in range(len(settings[0])):
         masks = setting_masks([image_settings[s][2] for image_settings in settings], layers, lm.d_mlp)
         with torch.no_grad(), ablate_masks(lm, masks):
-            logits = lm.model(inputs_embeds=inputs).logits  # [images, pos, vocab]
+            logits = lm.last_logits(inputs, inputs.shape[1])  # [images, pos, vocab]
             p[:, s] = logits[rows, positions, : lm.vocab_size].softmax(dim=-1)[rows, ids]
             if n_prompt is not None:
                 captions.append(lm.greedy(inputs[:, :n_prompt], MAX_NEW_TOKENS))

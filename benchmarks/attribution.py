@@ -131,19 +131,15 @@ def ig_ours(lm, inputs, positions, ids, sizes):
 
 def model_target_logits(lm, inputs, positions, ids):
     """The target logits from the model's own forward: all [rows, pos, vocab] logits first."""
-    logits = lm.model(inputs_embeds=inputs).logits
+    logits = lm.last_logits(inputs, inputs.shape[1])  # [rows, pos, vocab]
     return logits[torch.arange(len(logits)), positions, ids]
 
 
 def pre_activation(lm, inputs, layer):
     """Z of `layer` for the inputs, as tests/test_attribution.py::act_like_pre_activation."""
     captured, zeros = [], torch.zeros(len(inputs), dtype=torch.long)
-    handle = lm.mlp_in(layer).register_forward_hook(lambda module, args, output: captured.append(output))
-    try:
-        with torch.no_grad():
-            target_logits(lm, inputs, zeros, zeros)
-    finally:
-        handle.remove()
+    with lm.hooks(forward=[(lm.mlp_in(layer), lambda module, args, output: captured.append(output))]), torch.no_grad():
+        target_logits(lm, inputs, zeros, zeros)
     return captured[0]
 
 
@@ -153,11 +149,8 @@ def captum_ig_layer(lm, inputs, positions, ids, layer, steps, logit_fn):
     z = pre_activation(lm, inputs, layer)
 
     def forward(z_rows, inputs_rows, positions_rows, ids_rows):
-        handle = lm.mlp_in(layer).register_forward_hook(lambda module, args, output: z_rows)
-        try:
+        with lm.hooks(forward=[(lm.mlp_in(layer), lambda module, args, output: z_rows)]):
             return logit_fn(lm, inputs_rows, positions_rows, ids_rows)
-        finally:
-            handle.remove()
 
     return IntegratedGradients(forward).attribute(z, baselines=torch.zeros_like(z), n_steps=steps,
                                                   method="riemann_right",

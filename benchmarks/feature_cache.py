@@ -11,7 +11,7 @@ import tempfile
 
 import mmn  # noqa: F401
 from mmn.config import compose
-from mmn.training import train
+from mmn.recipes.train import train
 
 
 def main(steps: int, overrides: list[str]) -> None:

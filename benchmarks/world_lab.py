@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 import mmn  # noqa: F401
-from mmn.analysis.run import analyze
 from mmn.config import CONFIG_DIR, analysis_overrides, compose, digest
 from mmn.data.coco import CocoImages
-from mmn.models.captioner import Captioner
-from mmn.training import train
-from mmn.training.run import ensure_world
+from mmn.recipes.analyze import analyze
+from mmn.recipes.run import ensure_world, load_captioner
+from mmn.recipes.train import train
 from mmn.world.build import load_world
 from mmn.world.probes import write_norms
 
@@ -52,7 +51,7 @@ def main(overrides: list[str], root: Path = ROOT) -> dict:
     analysis = analyze(compose([*overrides, "logger=none", f"projection.checkpoint={projection}",
                                 f"images.n={IMAGES}", "ablation.positions=image", f"ablation.ks={SIZES}",
                                 f"paths.output_dir={run_dir / 'analysis'}"], config_name="analyze"))
-    captioner = Captioner.from_config(compose([*overrides, f"projection.checkpoint={projection}"], config_name="analyze"))
+    captioner = load_captioner(compose([*overrides, f"projection.checkpoint={projection}"], config_name="analyze"))
     images = CocoImages(cfg.data.eval.root, cfg.data.eval.split, image_size=None)
     pixels = captioner.preprocess([images[i]["image"] for i in range(min(16, len(images)))])
     result = {

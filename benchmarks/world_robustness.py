@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import mmn  # noqa: F401
-from mmn.analysis.run import analyze
+from mmn.recipes.analyze import analyze
 from mmn.config import CONFIG_DIR, analysis_overrides, compose, digest
-from mmn.training import train
+from mmn.recipes.train import train
 
 RUNS = {  # name -> overrides
     "seed0": ["seed=0"],

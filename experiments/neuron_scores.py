@@ -3,14 +3,14 @@ CLIPScore and BERTScore of each image's interpretable top units, of randomly re-
 and of the generated captions, for a finished `python analyze.py` run.
 
     python analyze.py && python experiments/neuron_scores.py        # the Shapes world
-    python experiments/neuron_scores.py analysis=multirun/2026-11-22/10-00-00/1 scoring=openai
+    python experiments/neuron_scores.py analysis=multirun/2026-11-22/10-00-00/1 clip=openai
 
-The logic lives in mmn.analysis.scoring."""
+The logic lives in mmn.recipes.neuron_scores."""
 
 import hydra
 from omegaconf import DictConfig
 
-from mmn.analysis.scoring import neuron_scores
+from mmn.recipes.neuron_scores import neuron_scores
 from mmn.config import CONFIG_DIR, register_resolvers
 
 register_resolvers()

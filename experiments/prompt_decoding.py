@@ -4,14 +4,14 @@ beside random vectors, the captions' nouns and the generated captions.
 
     python experiments/prompt_decoding.py                  # the Shapes world, offline
     python experiments/prompt_decoding.py images.n=1000 lm=gptj_6b encoder=beit_large data=coco \\
-        projection.checkpoint=path/to/proj.ckpt scoring=openai
+        projection.checkpoint=path/to/proj.ckpt clip=openai
 
-The logic lives in mmn.analysis.prompts."""
+The logic lives in mmn.recipes.prompt_decoding."""
 
 import hydra
 from omegaconf import DictConfig
 
-from mmn.analysis.prompts import prompt_decoding
+from mmn.recipes.prompt_decoding import prompt_decoding
 from mmn.config import CONFIG_DIR, register_resolvers
 
 register_resolvers()

@@ -5,12 +5,12 @@ mask of the image's single object, beside random units from the same layers.
     python experiments/receptive_fields.py                                  # the Shapes world
     python experiments/receptive_fields.py receptive_fields.categories=[circle,star] attribution=ig
 
-The logic lives in mmn.analysis.receptive_fields."""
+The logic lives in mmn.recipes.receptive_fields."""
 
 import hydra
 from omegaconf import DictConfig
 
-from mmn.analysis.receptive_fields import receptive_field_experiment
+from mmn.recipes.receptive_fields import receptive_field_experiment
 from mmn.config import CONFIG_DIR, register_resolvers
 
 register_resolvers()

@@ -5,12 +5,12 @@ numbers, the overlap of top neurons between runs, and their figures overlaid.
     python experiments/report.py sweep=multirun/<date>/<time>       # the sweep's folder
     python experiments/report.py runs=[outputs/a,outputs/b]
 
-The report goes to the Hydra run folder (report.md, figures/). The logic lives in mmn.analysis.report."""
+The report goes to the Hydra run folder (report.md, figures/). The logic lives in mmn.recipes.report."""
 
 import hydra
 from omegaconf import DictConfig
 
-from mmn.analysis.report import report
+from mmn.recipes.report import report
 from mmn.config import CONFIG_DIR, register_resolvers
 
 register_resolvers()

@@ -4,12 +4,12 @@ of its images) and their mean activation on every category's images, as a matrix
     python experiments/selectivity.py                    # the Shapes world's 8 shapes
     python experiments/selectivity.py selectivity.categories=[dog,cat,horse] data=coco ...
 
-The logic lives in mmn.analysis.selectivity."""
+The logic lives in mmn.recipes.selectivity."""
 
 import hydra
 from omegaconf import DictConfig
 
-from mmn.analysis.selectivity import selectivity_experiment
+from mmn.recipes.selectivity import selectivity_experiment
 from mmn.config import CONFIG_DIR, register_resolvers
 
 register_resolvers()

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from wandb_offline import run_info
 
-from mmn.analysis import run as analysis_run
-from mmn.analysis.run import analyze
+from mmn.analysis import neurons
+from mmn.recipes.analyze import analyze
 from mmn.config import CONFIG_DIR, compose
 
 REPO = CONFIG_DIR.parent
@@ -139,14 +139,14 @@ def test_bad_settings_fail_with_their_key_before_writing_results(overrides, tmp_
 
 
 def test_an_image_with_non_finite_scores_is_skipped_and_recorded(overrides, tmp_path, monkeypatch):
-    real_attribute = analysis_run.attribute
+    real_attribute = neurons.attribute
 
     def first_image_nan(*args, **kwargs):
         scores = real_attribute(*args, **kwargs)
         scores[0] = float("nan")
         return scores
 
-    monkeypatch.setattr(analysis_run, "attribute", first_image_nan)
+    monkeypatch.setattr(neurons, "attribute", first_image_nan)
     summary = run_analysis(overrides, tmp_path, "images.n=2")
     captions = pd.read_parquet(tmp_path / "captions.parquet")
     nan_images = captions[captions["skip_reason"] == "non-finite attribution scores"]

@@ -14,16 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmn.analysis import run as analysis_run
 from mmn.analysis.ablation import mean_activations
-from mmn.analysis.prompts import prompt_decoding
-from mmn.analysis.receptive_fields import receptive_field_experiment
-from mmn.analysis.run import analyze
-from mmn.analysis.scoring import neuron_scores
-from mmn.analysis.selectivity import selectivity_experiment, split_by_category
+from mmn.analysis.selectivity import split_by_category
 from mmn.config import compose
 from mmn.data.coco import CocoImages, UnusableImage
-from mmn.models.captioner import Captioner
+from mmn.recipes import run as recipe_run
+from mmn.recipes.analyze import analyze
+from mmn.recipes.neuron_scores import neuron_scores
+from mmn.recipes.prompt_decoding import prompt_decoding
+from mmn.recipes.receptive_fields import receptive_field_experiment
+from mmn.recipes.run import load_captioner
+from mmn.recipes.selectivity import selectivity_experiment
 
 UNREADABLE = {"truncated": "unreadable image (OSError: image file is truncated",
               "random bytes": "unreadable image (UnidentifiedImageError: cannot identify image file"}
@@ -90,7 +91,7 @@ def no_model_loads(monkeypatch):
     def loading(*args, **kwargs):
         raise AssertionError("a model started loading before the bad setting was named")
 
-    monkeypatch.setattr(Captioner, "from_config", loading)
+    monkeypatch.setattr(recipe_run, "load_captioner", loading)
     monkeypatch.setattr(BertScorer, "__init__", loading)
     monkeypatch.setattr(ClipScorer, "__init__", loading)
 
@@ -161,7 +162,7 @@ def test_mean_ablation_takes_its_means_over_the_readable_reference_images(overri
         f"{path}: unreadable image (OSError: image file is truncated)"]
     cfg = compose([*overrides, *extra], config_name="analyze")
     cached = max(Path(cfg.paths.cache_dir).glob("means/*.safetensors"), key=lambda path: path.stat().st_mtime)
-    captioner = Captioner.from_config(cfg)
+    captioner = load_captioner(cfg)
     readable = CocoImages(root, image_size=None, masks=False)
     pixels = captioner.preprocess([readable[i]["image"] for i in (0, 1, 3)])  # images 1, 2 and 4
     expected = mean_activations(captioner, [pixels])
@@ -365,7 +366,7 @@ def test_a_local_model_folder_that_is_none_is_named_before_the_projection_look_u
     def look_up(cfg):
         raise AssertionError("the projection was looked up before the model paths were checked")
 
-    monkeypatch.setattr(analysis_run, "latest_projection", look_up)
+    monkeypatch.setattr(recipe_run, "latest_projection", look_up)
     folder = tmp_path / "nonexistent" if group == "lm" else tmp_path  # the encoder: a folder without a model
     with pytest.raises(FileNotFoundError, match=f"^{re.escape(f'{group}.name_or_path={folder}: {problem}')}$"):
         run_analysis(overrides, tmp_path / "run", f"{group}.name_or_path={folder}", "projection.checkpoint=latest")

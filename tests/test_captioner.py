@@ -4,66 +4,39 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import BeitConfig, BeitImageProcessor, BeitModel, GPTJConfig, GPTJForCausalLM, PreTrainedTokenizerFast
 
 from mmn.models.captioner import PROMPT, Captioner
 from mmn.models.encoders import load_encoder
 from mmn.models.lm import LanguageModel
 from mmn.models.projection import Projection
-
-D_ENC, D_LM = 24, 32
-
-
-def save_tiny_lm(directory, extra_rows=0):
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        ["A picture of a red circle", "a blue square next to a star"] * 5,
-        trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
-    )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    # LiMBeR's GPT-J has unembedding rows beyond the tokenizer's vocabulary: extra_rows adds some.
-    config = GPTJConfig(vocab_size=len(tokenizer) + extra_rows, n_positions=64, n_embd=D_LM, n_layer=2, n_head=4, rotary_dim=4,
-                        n_inner=64, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
-    GPTJForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-
-
-def save_tiny_beit(directory):
-    config = BeitConfig(image_size=32, patch_size=8, hidden_size=D_ENC, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=48)
-    BeitModel(config).save_pretrained(directory)
-    BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(directory)
+from mmn.recipes.run import load_captioner
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory):
+def parts(tmp_path_factory, save_tiny_captioner_lm, save_tiny_beit):
     root = tmp_path_factory.mktemp("captioner")
-    save_tiny_lm(root / "lm")
+    save_tiny_captioner_lm(root / "lm")
     save_tiny_beit(root / "encoder")
     return root
 
 
 @pytest.fixture()
-def captioner(parts):
+def captioner(parts, captioner_sizes):
     encoder = load_encoder("beit", parts / "encoder")
     lm = LanguageModel.from_pretrained(parts / "lm")
-    return Captioner(encoder, Projection(D_ENC, D_LM), lm)
+    return Captioner(encoder, Projection(captioner_sizes.d_enc, captioner_sizes.d_lm), lm)
 
 
 def images(n):
     return [Image.new("RGB", (40 + 10 * i, 30), (30 * i, 200, 90)) for i in range(n)]
 
 
-def test_input_is_image_prompts_then_a_picture_of(captioner):
+def test_input_is_image_prompts_then_a_picture_of(captioner, captioner_sizes):
     pixels = captioner.preprocess(images(2))
     embeds = captioner.input_embeddings(pixels)
     prompt_ids = captioner.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     assert captioner.n_image_tokens == 16  # 4 x 4 patches
-    assert embeds.shape == (2, 16 + len(prompt_ids), D_LM)
+    assert embeds.shape == (2, 16 + len(prompt_ids), captioner_sizes.d_lm)
     torch.testing.assert_close(embeds[:, :16], captioner.image_prompts(pixels))
     torch.testing.assert_close(embeds[0, 16:], captioner.lm.embedding.weight[prompt_ids])
 
@@ -82,13 +55,15 @@ def test_greedy_captions_match_huggingface_generate(captioner):
         assert ids == expected
 
 
-def test_unembedding_rows_beyond_the_vocabulary_are_never_generated(tmp_path, parts):
-    save_tiny_lm(tmp_path / "lm", extra_rows=20)
+def test_unembedding_rows_beyond_the_vocabulary_are_never_generated(tmp_path, parts, save_tiny_captioner_lm,
+                                                                    captioner_sizes):
+    save_tiny_captioner_lm(tmp_path / "lm", extra_rows=20)
     lm = LanguageModel.from_pretrained(tmp_path / "lm")
     with torch.no_grad():
         lm.unembed.weight[len(lm.tokenizer):] = 0
         lm.unembed.bias[len(lm.tokenizer):] = 1e4  # every padding row outscores every real token
-    captioner = Captioner(load_encoder("beit", parts / "encoder"), Projection(D_ENC, D_LM), lm)
+    captioner = Captioner(load_encoder("beit", parts / "encoder"),
+                          Projection(captioner_sizes.d_enc, captioner_sizes.d_lm), lm)
     for ids in captioner.generate(captioner.preprocess(images(2)), max_new_tokens=5):
         assert len(ids) == 5 and max(ids) < len(lm.tokenizer)
 
@@ -109,13 +84,13 @@ def test_captioning_always_runs_in_eval_mode(captioner):
     assert captioner.projection.training  # caption() restores the mode it found
 
 
-def test_width_mismatch_is_a_clear_error(parts):
+def test_width_mismatch_is_a_clear_error(parts, captioner_sizes):
     encoder = load_encoder("beit", parts / "encoder")
     lm = LanguageModel.from_pretrained(parts / "lm")
     with pytest.raises(ValueError, match="encoder yields 24-d features but the projection expects d_enc=16"):
-        Captioner(encoder, Projection(16, D_LM), lm)
+        Captioner(encoder, Projection(16, captioner_sizes.d_lm), lm)
     with pytest.raises(ValueError, match="projection writes d_lm=48 but the LM's hidden size is 32"):
-        Captioner(encoder, Projection(D_ENC, 48), lm)
+        Captioner(encoder, Projection(captioner_sizes.d_enc, 48), lm)
 
 
 def config(parts, checkpoint=None):
@@ -126,24 +101,25 @@ def config(parts, checkpoint=None):
     })
 
 
-def test_from_config_loads_a_saved_projection_and_limber_checkpoints(parts, tmp_path):
-    saved = Projection(D_ENC, D_LM)
+def test_from_config_loads_a_saved_projection_and_limber_checkpoints(parts, tmp_path, captioner_sizes):
+    d_enc, d_lm = captioner_sizes.d_enc, captioner_sizes.d_lm
+    saved = Projection(d_enc, d_lm)
     saved.save(tmp_path / "projection")
-    captioner = Captioner.from_config(config(parts, str(tmp_path / "projection")))
+    captioner = load_captioner(config(parts, str(tmp_path / "projection")))
     torch.testing.assert_close(captioner.projection.linear.weight, saved.linear.weight)
 
-    limber = torch.nn.Linear(D_ENC, D_LM)
+    limber = torch.nn.Linear(d_enc, d_lm)
     torch.save(limber.state_dict(), tmp_path / "proj.ckpt")
-    captioner = Captioner.from_config(config(parts, str(tmp_path / "proj.ckpt")))
+    captioner = load_captioner(config(parts, str(tmp_path / "proj.ckpt")))
     torch.testing.assert_close(captioner.projection.linear.weight, limber.weight)
     assert not captioner.training
 
 
-def test_from_config_checks_widths_before_loading_the_lm(parts, tmp_path, monkeypatch):
+def test_from_config_checks_widths_before_loading_the_lm(parts, tmp_path, monkeypatch, captioner_sizes):
     def must_not_load(*args, **kwargs):
         raise AssertionError("the LM's weights were loaded before the width check")
 
     monkeypatch.setattr(LanguageModel, "from_pretrained", must_not_load)
-    torch.save(torch.nn.Linear(D_ENC, 64).state_dict(), tmp_path / "proj.ckpt")
+    torch.save(torch.nn.Linear(captioner_sizes.d_enc, 64).state_dict(), tmp_path / "proj.ckpt")
     with pytest.raises(ValueError, match=r"proj\.ckpt.*d_lm=64 but the LM's hidden size is 32"):
-        Captioner.from_config(config(parts, str(tmp_path / "proj.ckpt")))
+        load_captioner(config(parts, str(tmp_path / "proj.ckpt")))

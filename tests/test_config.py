@@ -7,7 +7,7 @@ from mmn.config import CONFIG_DIR, compose
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 OPTIONS = [(group, option.stem) for group in GROUPS for option in sorted((CONFIG_DIR / group).glob("*.yaml"))]
-ANALYSIS_GROUPS = {"attribution", "layers", "filter", "ablation", "scoring"}  # composed by analyze.yaml
+ANALYSIS_GROUPS = {"attribution", "layers", "filter", "ablation", "clip"}  # composed by analyze.yaml
 
 
 def test_groups_mirror_the_code():

@@ -6,7 +6,8 @@ import json
 import pandas as pd
 import pytest
 
-from mmn.analysis.prompts import prompt_decoding, table2
+from mmn.analysis.prompts import table2
+from mmn.recipes.prompt_decoding import prompt_decoding
 from mmn.config import compose
 
 N_IMAGE = 16  # the tiny world: 64 px images, 16 px patches
@@ -69,5 +70,5 @@ def test_table2_is_the_mean_over_images_of_per_image_means():
 
 
 def test_an_unknown_random_norm_is_named(overrides, tmp_path):
-    with pytest.raises(ValueError, match="decoding.random_norm='unit' is unknown"):
-        run(overrides, tmp_path, "decoding.random_norm=unit")
+    with pytest.raises(ValueError, match="prompts.random_norm='unit' is unknown"):
+        run(overrides, tmp_path, "prompts.random_norm=unit")

@@ -9,7 +9,6 @@ import pycocotools.mask as coco_mask
 import pytest
 import torch
 from PIL import Image
-from test_captioner import D_ENC, D_LM, save_tiny_beit, save_tiny_lm
 
 from mmn.analysis.ablation import random_units_like
 from mmn.analysis.receptive_fields import (
@@ -27,13 +26,13 @@ from mmn.models.projection import Projection
 
 
 @pytest.fixture(scope="module")
-def captioner(tmp_path_factory):
+def captioner(tmp_path_factory, save_tiny_captioner_lm, save_tiny_beit, captioner_sizes):
     """GPT-J with 2 layers and d_mlp 64; BEiT on 32 px with 8 px patches: a 4 x 4 grid."""
     root = tmp_path_factory.mktemp("receptive_fields")
-    save_tiny_lm(root / "lm")
+    save_tiny_captioner_lm(root / "lm")
     save_tiny_beit(root / "encoder")
     torch.manual_seed(0)
-    return Captioner(load_encoder("beit", root / "encoder"), Projection(D_ENC, D_LM),
+    return Captioner(load_encoder("beit", root / "encoder"), Projection(captioner_sizes.d_enc, captioner_sizes.d_lm),
                      LanguageModel.from_pretrained(root / "lm"))
 
 
@@ -141,8 +140,9 @@ def test_activation_maps_equal_an_independent_read_in_patch_order(captioner):
     assert not any(module._forward_pre_hooks for module in captioner.modules())  # hooks removed
 
 
-def test_activation_maps_need_one_prompt_per_patch_and_real_units(captioner):
-    pooled = Captioner(captioner.encoder, Projection(D_ENC, D_LM, kind="pooled", n_out_tokens=2), captioner.lm)
+def test_activation_maps_need_one_prompt_per_patch_and_real_units(captioner, captioner_sizes):
+    pooled = Captioner(captioner.encoder, Projection(captioner_sizes.d_enc, captioner_sizes.d_lm, kind="pooled",
+                                                     n_out_tokens=2), captioner.lm)
     with pytest.raises(ValueError, match="writes 2 image prompts, not one per patch of the 4 x 4 grid"):
         unit_activation_maps(pooled, torch.randn(1, 3, 32, 32), [(0, 1)])
     with pytest.raises(ValueError, match=r"layers 0..1 and units 0..63, got \(layer, unit\) \[\[2, 1\], \[0, 64\]\]"):
@@ -208,7 +208,7 @@ def experiment_overrides(analysis_overrides):
 
 
 def run_experiment(overrides, run_dir, *extra):
-    from mmn.analysis.receptive_fields import receptive_field_experiment
+    from mmn.recipes.receptive_fields import receptive_field_experiment
     from mmn.config import compose
 
     return receptive_field_experiment(compose([*overrides, f"paths.output_dir={run_dir}", *extra],

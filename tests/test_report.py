@@ -4,8 +4,8 @@ from a sweep folder or a list of runs, on two tiny analyze.py runs."""
 import pandas as pd
 import pytest
 
-from mmn.analysis.report import find_runs, top_neuron_overlap, write_report
-from mmn.analysis.run import analyze
+from mmn.analysis.compare import find_runs, top_neuron_overlap, write_report
+from mmn.recipes.analyze import analyze
 from mmn.config import compose
 
 

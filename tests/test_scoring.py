@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mmn.analysis.run import analyze
-from mmn.analysis.scoring import neuron_scores, neuron_texts, table1
+from mmn.recipes.analyze import analyze
+from mmn.analysis.scoring import neuron_texts, table1
+from mmn.recipes.neuron_scores import neuron_scores
 from mmn.config import compose
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmn.analysis.selectivity import selectivity_experiment, selectivity_matrix
+from mmn.analysis.selectivity import selectivity_matrix
+from mmn.recipes.selectivity import selectivity_experiment
 from mmn.config import compose
 
 

@@ -16,12 +16,11 @@ import torch.nn.functional as F
 from wandb_offline import run_info
 
 from mmn.config import CONFIG_DIR, compose
-from mmn.models.captioner import Captioner
 from mmn.models.projection import Projection
-from mmn.training import train
+from mmn.recipes.run import load_captioner
+from mmn.recipes.train import accumulation, feature_cache_folder, train
 from mmn.training.data import IGNORE_INDEX, CaptionTokenizer, batches_already_drawn, collate
 from mmn.training.module import ProjectionTraining
-from mmn.training.run import feature_cache_folder
 
 REPO = CONFIG_DIR.parent
 
@@ -41,7 +40,7 @@ def run_train_script(args, cwd, timeout=300):
 
 @pytest.fixture(scope="module")
 def module(tiny_world):
-    captioner = Captioner.from_config(compose(tiny_world))
+    captioner = load_captioner(compose(tiny_world))
     return ProjectionTraining(captioner, lr=8e-4, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=2)
 
 
@@ -246,7 +245,6 @@ def test_width_mismatch_fails_before_the_first_step(tiny_world, tmp_path):
 def test_global_batch_must_divide_into_micro_batches():
     from omegaconf import OmegaConf
 
-    from mmn.training.run import accumulation
 
     assert accumulation(OmegaConf.create({"global_batch_size": 256, "batch_size": 16}), 4) == 4
     with pytest.raises(ValueError, match="global_batch_size=100 is not a multiple of.*batch_size=16 x 4"):

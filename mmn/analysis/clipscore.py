@@ -6,9 +6,9 @@
     scores = scorer.score_tokens(images, [[" red", " circle", ...], ...])
 
 CLIPScore here is 100 * max(cos(image embedding, text embedding), 0) per (image, text) pair: the
-paper's numbers (19 to 28, procedure notes) fit that scale, not Hessel et al.'s 2.5 * max(cos, 0).
+paper's numbers (19 to 28 in its Tables 1 and 2) fit that scale, not Hessel et al.'s 2.5 * max(cos, 0).
 The paper scores decoded token lists (a neuron's decoding, an image prompt's nearest tokens) as
-one comma-separated string, which `join_tokens` builds.
+one comma-separated string, which `decoding.join_tokens` builds.
 
 A local model is a directory in open_clip's hub layout (open_clip_config.json + weights, as
 mmn.world.clip saves the world's CLIP at <world dir>/clip), read through open_clip's own
@@ -27,7 +27,9 @@ from PIL import Image
 from torch import Tensor
 
 import mmn  # noqa: F401  (torchvision shim before open_clip)
-from mmn.world.clip import CONFIG_FILE
+from mmn.analysis.decoding import join_tokens
+
+CONFIG_FILE = "open_clip_config.json"  # what a model folder in open_clip's hub layout holds
 
 HOW_TO_PROVIDE = (
     "Pass a directory in open_clip's hub layout (open_clip_config.json + open_clip_model.safetensors), "
@@ -35,11 +37,6 @@ HOW_TO_PROVIDE = (
     "name with a pretrained tag, e.g. ClipScorer('ViT-B-32', pretrained='openai'), whose weights must "
     "be downloadable or already in the local cache."
 )
-
-
-def join_tokens(tokens: Sequence[str]) -> str:
-    """A decoded token list as the paper scores it: [" red", " circle"] -> "red, circle"."""
-    return ", ".join(token.strip() for token in tokens)
 
 
 class ClipScorer:

@@ -1,5 +1,5 @@
-"""Side-by-side comparison of finished runs: `python experiments/report.py sweep=multirun/<date>/<time>`
-or `runs=[dir_a,dir_b]`.
+"""Side-by-side comparison of finished runs, behind `python experiments/report.py
+sweep=multirun/<date>/<time>` or `runs=[dir_a,dir_b]` (the recipe: mmn.recipes.report).
 
 Reads what each run wrote (summary.json, its Hydra overrides, and the tables it has) and writes
 into the report folder:
@@ -164,19 +164,3 @@ def write_report(folders: list[Path], out: Path) -> tuple[str, pd.DataFrame, lis
     markdown = "\n".join(lines)
     (out / "report.md").write_text(markdown)
     return markdown, table, figures
-
-
-def report(cfg) -> Path:
-    """`python experiments/report.py` (conf/report.yaml): write the report, log it, return its path."""
-    from mmn.config import offline_run_environment
-    from mmn.training.loggers import finish, log_results, make_loggers
-
-    folders = find_runs(cfg.sweep, cfg.runs)
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    offline_run_environment(out)
-    _, table, figures = write_report(folders, out)
-    loggers = make_loggers(cfg, out)
-    log_results(loggers, {"runs": len(folders)}, {"runs": table}, figures)
-    finish(loggers)
-    return out / "report.md"

@@ -1,4 +1,4 @@
-"""Decoding a unit: the tokens its output weights promote (paper section 3.1, procedure notes).
+"""Decoding a unit: the tokens its output weights promote, as the paper decodes multimodal neurons.
 
     decoder(W_out^k) = W_out^k @ W_U        W_out^k [d_model]: what unit k writes per unit of
                                             activation; W_U [d_model, vocab]: the unembedding
@@ -7,6 +7,7 @@ The top tokens of that product are the unit's decoding. By default the direction
 into the unembedding's weights, as the paper describes (no bias, no final norm);
 `final_norm=True` passes it through the LM's final norm first, as the residual stream would be.
 Only the tokenizer's real tokens are ranked (LiMBeR's GPT-J has unembedding rows beyond them).
+The paper scores a decoding (a unit's, or an image prompt's nearest tokens) as one string: join_tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ def unit_token_scores(lm: LanguageModel, layer: int, units: Sequence[int] | Tens
     if final_norm:
         directions = lm.final_norm(directions)
     return directions @ lm.unembed.weight[: lm.vocab_size].T
+
+
+def join_tokens(tokens: Sequence[str]) -> str:
+    """A decoded token list as the paper scores it: [" red", " circle"] -> "red, circle"."""
+    return ", ".join(token.strip() for token in tokens)
 
 
 def decode_units(lm: LanguageModel, layer: int, units: Sequence[int] | Tensor, top_k: int = 10,

@@ -1,5 +1,6 @@
-"""From attribution scores to neurons: an image's top (layer, unit, patch) triples, its ranking of
-units for ablation, and each unit's decoding and interpretable flag.
+"""From images to neurons: caption and attribute a batch (caption_and_attribute, the first step
+of every recipe that finds an image's multimodal neurons), then an image's top (layer, unit,
+patch) triples, its ranking of units, and each unit's decoding and interpretable flag.
 
 Scores of one image are [n_layers, n_patches, d_mlp] (attribution.py). The paper's "top 100 units
 per image" ranks (layer, unit, patch) triples, so a unit may appear at several patches; ablation
@@ -14,9 +15,35 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mmn.analysis.attribution import attribute
+from mmn.analysis.captions import CaptionTargets, caption_targets
 from mmn.analysis.decoding import decode_units
 from mmn.analysis.filter import InterpretableFilter
+from mmn.models.captioner import Captioner
 from mmn.models.lm import LanguageModel
+from mmn.models.targets import FirstNounFinder
+
+
+def caption_and_attribute(captioner: Captioner, pixels: Tensor, finder: FirstNounFinder, method: str,
+                          layers: Sequence[int], max_new_tokens: int = 20, **options) -> tuple[CaptionTargets,
+                                                                                             dict[int, Tensor]]:
+    """Caption each image greedily, find its target c and p(c) (captions.caption_targets), and
+    attribute y^c to every (layer, unit, image patch) with `method` (attribution.attribute, with
+    the method's `options`). pixels: [batch, 3, H, W].
+    -> (targets, scores): scores[i] is the float32 [n_layers, n_image, d_mlp] of targets.kept[i];
+    an image whose scores are not finite is marked skipped in targets.rows and has none."""
+    targets = caption_targets(captioner, pixels, finder, max_new_tokens)
+    scores = {}
+    if targets.kept:
+        every = attribute(captioner.lm, method, targets.inputs_embeds, targets.target_positions, targets.target_ids,
+                          layers, slice(0, captioner.n_image_tokens), **options)  # [kept, L, n_image, d_mlp]
+        for i, b in enumerate(targets.kept):
+            image_scores = every[i].float()
+            if torch.isfinite(image_scores).all():
+                scores[i] = image_scores
+            else:
+                targets.rows[b].update(skipped=True, skip_reason="non-finite attribution scores")
+    return targets, scores
 
 
 def neuron_name(layer: int, unit: int) -> str:

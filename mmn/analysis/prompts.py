@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from scipy.stats import ks_2samp
 from torch import Tensor
 
+from mmn.analysis.decoding import join_tokens
 from mmn.models.lm import LanguageModel
 
 # With at least 4 values in each sample, two completely separated samples reach p < .05 whatever
@@ -82,7 +83,7 @@ def ks_test(a: Sequence[float] | Tensor | np.ndarray, b: Sequence[float] | Tenso
     return {"statistic": float(result.statistic), "pvalue": float(result.pvalue), "n_a": len(a), "n_b": len(b)}
 
 
-# ----------------------------------------------------------------------------- the experiment
+# ----------------------------------------------------------------------------- Table 2
 
 KINDS = ("prompt", "random", "noun", "caption")  # the rows of Table 2
 
@@ -96,8 +97,6 @@ def texts_to_score(captioner, items: Sequence[dict], finder, generator: torch.Ge
       random   the same for as many random vectors, each with its prompt's norm (norm_matched) or N(0, I)
       noun     the first noun of each human caption (the paper's "COCO nouns")
       caption  the captioner's greedy caption"""
-    from mmn.analysis.clipscore import join_tokens
-
     pixels = captioner.preprocess([item["image"] for item in items])
     prompts = captioner.image_prompts(pixels).float()  # [batch, n_image, d_lm]
     batch, n_image, d_lm = prompts.shape
@@ -131,79 +130,3 @@ def table2(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     clip_of = {kind: rows["clipscore"].to_numpy() for kind, rows in per_image.groupby("kind")}
     tests = {f"prompt_vs_{other}": ks_test(clip_of["prompt"], clip_of[other]) for other in ("random", "noun")}
     return per_image, table.reset_index(), tests
-
-
-def prompt_decoding(cfg) -> dict:
-    """`python experiments/prompt_decoding.py` (conf/prompt_decoding.yaml): section 3.1 on a trained
-    captioner. Per batch of images, the texts of each kind and their scores are written to disk
-    (a re-run into the same folder resumes); then Table 2, the KS tests, Figure 3 and W&B."""
-    import time
-
-    from tqdm.auto import tqdm
-
-    from mmn.analysis.bertscore import BertScorer
-    from mmn.analysis.clipscore import ClipScorer
-    from mmn.analysis.figures import score_distributions
-    from mmn.analysis.results import ResultStore, write_json, write_parquet
-    from mmn.analysis.run import (
-        check_count,
-        depends_on,
-        image_batches,
-        prepare_run,
-        read_images,
-        resolve_device,
-        shard_finished,
-    )
-    from mmn.analysis.scoring import score_texts
-    from mmn.models.captioner import Captioner
-    from mmn.models.targets import get_finder
-    from mmn.training.loggers import finish, log_results, make_loggers
-
-    if cfg.decoding.random_norm not in ("matched", "standard"):
-        raise ValueError(f"decoding.random_norm={cfg.decoding.random_norm!r} is unknown; use matched or standard")
-    check_count("decoding.top_k", cfg.decoding.top_k)
-    started = time.perf_counter()
-    run_dir, images, n_images = prepare_run(cfg)
-    clip = ClipScorer(cfg.scoring.clip_model, cfg.scoring.clip_pretrained)
-    bertscore = BertScorer(cfg.bertscore.model, cfg.bertscore.num_layers)
-    captioner = Captioner.from_config(cfg, device=resolve_device(cfg.device))
-    finder = get_finder(cfg.first_noun)
-    # images: one row per image, skipped (with the reason) when it could not be read
-    store = ResultStore(run_dir, depends_on(cfg, ("decoding", "scoring", "bertscore")), tables=("images", "scores"))
-    batches = image_batches(n_images, cfg.images.batch_size)
-    for index in tqdm(store.todo(len(batches), cfg.shard), desc="prompt decoding", unit="batch"):
-        items, skipped = read_images(images, batches[index])
-        scores = pd.DataFrame()
-        if items:
-            # seeded per batch: a resumed run draws the same random vectors
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
-            rows = texts_to_score(captioner, items, finder, generator, cfg.decoding.top_k,
-                                  cfg.decoding.random_norm == "matched", cfg.max_new_tokens)
-            scores = score_texts(rows, items, clip, bertscore)
-        read = [{"image_id": item["image_id"], "file_name": item["file_name"], "skipped": False, "skip_reason": None}
-                for item in items]
-        store.write_batch(index, {"scores": scores,
-                                  "images": pd.DataFrame(sorted(read + skipped, key=lambda row: row["image_id"]))})
-
-    if not store.complete(len(batches)):
-        return shard_finished(cfg, store, len(batches))
-    tables = store.merge()
-    per_image, table, tests = table2(tables["scores"])
-    write_parquet(per_image, run_dir / "per_image.parquet")
-    write_parquet(table, run_dir / "table2.parquet")
-    summary = {"images": int(per_image["image_id"].nunique()), "images_skipped": int(tables["images"]["skipped"].sum()),
-               "skip_reasons": tables["images"]["skip_reason"].dropna().value_counts().to_dict(),
-               "seconds": round(time.perf_counter() - started, 1)}
-    for row in table.itertuples():
-        summary |= {f"{row.kind}/clipscore": row.clipscore_mean, f"{row.kind}/bertscore": row.bertscore_mean}
-    for name, test in tests.items():
-        summary |= {f"ks/{name}/D": test["statistic"], f"ks/{name}/p": test["pvalue"]}
-    write_json(summary, run_dir / "summary.json")
-    (run_dir / "figures").mkdir(exist_ok=True)
-    figure = score_distributions(per_image, run_dir / "figures" / "prompt_decoding.png",
-                                 f"image prompts vs random vectors, nouns and captions, {summary['images']} images")
-    loggers = make_loggers(cfg, run_dir)
-    log_results(loggers, summary, {"table2": table}, [figure])
-    finish(loggers)
-    return summary
-

@@ -8,8 +8,8 @@
                              last, so its presence marks the batch done
       <table>.parquet        the merged tables, rewritten at the end of every run
 
-Every file is written to a temporary name in the same folder and renamed into place (atomic on
-POSIX), so a table is either absent or complete, never half-written.
+Every file is written through mmn.files.atomic_write, so a table is either absent or complete,
+never half-written.
 
 Sharding: with `shard=i/n`, n processes (or SLURM jobs) given the same run folder each write the
 parts of their own batches; whichever finds every batch on disk when it ends merges the tables,
@@ -19,31 +19,13 @@ and any later run into that folder (with or without a shard) does the same.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 
+from mmn.files import write_json, write_parquet
+
 TABLES = ("neurons", "ablation", "captions")  # analyze's tables, in the order a batch writes them: captions last
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(temporary_path), then rename the temporary file to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda temporary: frame.to_parquet(temporary, index=False))
-
-
-def write_json(value, path: Path) -> None:
-    atomic_write(path, lambda temporary: temporary.write_text(json.dumps(value, indent=2, default=str)))
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:

@@ -1,7 +1,6 @@
 """Scoring texts against images (CLIPScore) and their human captions (BERTScore), and the paper's
-Table 1: do the decodings of an image's multimodal neurons describe it?
-
-    python experiments/neuron_scores.py          # scores the newest analyze.py run, or analysis=<folder>
+Table 1: do the decodings of an image's multimodal neurons describe it? The recipe is
+mmn.recipes.neuron_scores (`python experiments/neuron_scores.py`).
 
 For each image of a finished `analyze.py` run, the decodings of its interpretable top units (each
 unit's 10 tokens as one comma-separated string) are scored against the image and its human
@@ -13,14 +12,13 @@ image's neurons), and the generated captions.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+
+from mmn.analysis.decoding import join_tokens
 
 KINDS = ("random", "neuron", "caption")  # the rows of Table 1
 
@@ -42,26 +40,10 @@ def score_texts(rows: list[dict], items: Sequence[dict], clip, bertscore) -> pd.
     return frame
 
 
-def latest_analysis(cfg: DictConfig) -> Path:
-    """The newest analyze.py run (a folder holding neurons.parquet) under outputs/ or multirun/
-    that analysed this config's evaluation images."""
-    root = Path(cfg.paths.root_dir)
-    wanted = OmegaConf.to_container(cfg.data.eval, resolve=True)
-    found = [path.parent for folder in ("outputs", "multirun") for path in (root / folder).glob("**/neurons.parquet")
-             if (path.parent / "analysis.json").is_file()
-             and json.loads((path.parent / "analysis.json").read_text()).get("data", {}).get("eval") == wanted]
-    if not found:
-        raise FileNotFoundError(f"analysis=latest: no analyze.py run of {cfg.data.eval.root} under {root}/outputs or "
-                                f"{root}/multirun; run `python analyze.py` first, or pass analysis=<run folder>")
-    return max(found, key=lambda path: (path / "neurons.parquet").stat().st_mtime)
-
-
 def neuron_texts(neurons: pd.DataFrame, captions: pd.DataFrame, generator: torch.Generator) -> list[dict]:
     """The texts Table 1 scores, one dict each (kind, image_id, position, text): each analysed
     image's interpretable top units (once per unit) as "token, token, ...", the same for another
     image's units (a random pairing in which no image keeps its own), and its generated caption."""
-    from mmn.analysis.clipscore import join_tokens
-
     interpretable = neurons[neurons["interpretable"]].drop_duplicates(["image_id", "layer", "unit"])
     texts = {image_id: [join_tokens(tokens) for tokens in rows["tokens"]]
              for image_id, rows in interpretable.groupby("image_id", sort=False)}
@@ -92,59 +74,3 @@ def table1(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     table = table.reindex([kind for kind in KINDS if kind in table.index])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
     return per_image, table.reset_index()
-
-
-def neuron_scores(cfg: DictConfig) -> dict:
-    """`python experiments/neuron_scores.py` (conf/neuron_scores.yaml): Table 1 for a finished
-    analyze.py run (`analysis`: a run folder, or latest). Scores are written per batch of images
-    (a re-run into the same folder resumes); then the table, summary and W&B."""
-    import time
-
-    from tqdm.auto import tqdm
-
-    from mmn.analysis.bertscore import BertScorer
-    from mmn.analysis.clipscore import ClipScorer
-    from mmn.analysis.results import ResultStore, write_json, write_parquet
-    from mmn.analysis.run import depends_on, image_batches, prepare_run, read_images, shard_finished
-    from mmn.training.loggers import finish, log_results, make_loggers
-
-    started = time.perf_counter()
-    run_dir, images, _ = prepare_run(cfg)
-    analysis = latest_analysis(cfg) if cfg.analysis == "latest" else Path(cfg.analysis)
-    for name in ("neurons.parquet", "captions.parquet"):
-        if not (analysis / name).is_file():
-            raise FileNotFoundError(f"analysis={analysis}: no {name}; pass the folder of a finished analyze.py run")
-    rows = neuron_texts(pd.read_parquet(analysis / "neurons.parquet"), pd.read_parquet(analysis / "captions.parquet"),
-                        torch.Generator().manual_seed(cfg.seed))
-    image_ids = list(dict.fromkeys(row["image_id"] for row in rows))
-    clip = ClipScorer(cfg.scoring.clip_model, cfg.scoring.clip_pretrained)
-    bertscore = BertScorer(cfg.bertscore.model, cfg.bertscore.num_layers)
-    record = depends_on(cfg, ("data", "scoring", "bertscore"), captioner=False) | {"analysis": str(analysis.resolve())}
-    # images: one row per image, skipped (with the reason) when it cannot be read now
-    store = ResultStore(run_dir, record, tables=("images", "scores"))
-    batches = image_batches(len(image_ids), cfg.images.batch_size)
-    for index in tqdm(store.todo(len(batches), cfg.shard), desc="neuron scores", unit="batch"):
-        items, skipped = read_images(images, [images.index_of(int(image_ids[i])) for i in batches[index]])
-        read = {item["image_id"] for item in items}
-        scores = score_texts([r for r in rows if r["image_id"] in read], items, clip, bertscore) if items \
-            else pd.DataFrame()
-        image_rows = [{"image_id": item["image_id"], "file_name": item["file_name"], "skipped": False,
-                       "skip_reason": None} for item in items] + skipped
-        store.write_batch(index, {"scores": scores, "images": pd.DataFrame(image_rows)})
-    if not store.complete(len(batches)):
-        return shard_finished(cfg, store, len(batches))
-    tables = store.merge()
-    per_image, table = table1(tables["scores"])
-    write_parquet(per_image, run_dir / "per_image.parquet")
-    write_parquet(table, run_dir / "table1.parquet")
-    summary = {"analysis": str(analysis), "images": int(per_image["image_id"].nunique()),
-               "images_skipped": int(tables["images"]["skipped"].sum()),
-               "skip_reasons": tables["images"]["skip_reason"].dropna().value_counts().to_dict(),
-               "seconds": round(time.perf_counter() - started, 1)}
-    for row in table.itertuples():
-        summary |= {f"{row.kind}/clipscore": row.clipscore_mean, f"{row.kind}/bertscore": row.bertscore_mean}
-    write_json(summary, run_dir / "summary.json")
-    loggers = make_loggers(cfg, run_dir)
-    log_results(loggers, summary, {"table1": table})
-    finish(loggers)
-    return summary

@@ -8,7 +8,7 @@ exactly the image's geometry (nearest neighbour), so masks line up with the patc
 
 An image whose file cannot be read or decoded, or (with masks) one of whose annotations cannot be
 turned into a mask, raises UnusableImage naming the file (and the annotation): one bad file of a
-split is the analysis recipes' recorded skip (mmn.analysis.run.read_images), not a stopped run.
+split is the analysis recipes' recorded skip (mmn.recipes.run.Run.read_images), not a stopped run.
 """
 
 from __future__ import annotations

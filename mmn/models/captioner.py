@@ -18,13 +18,12 @@ change from run to run.)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
-from mmn.models.encoders import ImageEncoder, load_encoder
+from mmn.models.encoders import ImageEncoder
 from mmn.models.lm import LanguageModel
 from mmn.models.projection import Projection
 
@@ -68,6 +67,12 @@ class Captioner(nn.Module):
     def n_image_tokens(self) -> int:
         return self.projection.n_prompt_tokens(self.encoder.n_tokens)
 
+    def freeze(self) -> Captioner:
+        """No gradients for the encoder's and the LM's weights: only the projection trains."""
+        self.encoder.requires_grad_(False)
+        self.language_model.requires_grad_(False)
+        return self
+
     def train(self, mode: bool = True) -> Captioner:
         super().train(mode)
         self.encoder.eval()  # frozen parts never leave eval mode
@@ -106,31 +111,3 @@ class Captioner(nn.Module):
             return captions
         finally:
             self.train(was_training)
-
-    @classmethod
-    def from_config(cls, cfg, device: str = "cpu") -> Captioner:
-        """Build from the `encoder`, `projection` and `lm` config groups.
-
-        Widths are checked from the LM's config before its weights load, so a
-        mismatch is reported in seconds, not after loading a 6B model.
-        """
-        from transformers import AutoConfig
-
-        encoder = load_encoder(cfg.encoder.kind, cfg.encoder.name_or_path, pretrained=cfg.encoder.pretrained)
-        lm_width = AutoConfig.from_pretrained(cfg.lm.name_or_path, revision=cfg.lm.revision).hidden_size
-        projection = load_projection(cfg.projection, encoder.width, lm_width)
-        check_widths(encoder.width, projection, lm_width, where=f" between encoder={cfg.encoder.name_or_path}, "
-                     f"projection={cfg.projection.checkpoint} and lm={cfg.lm.name_or_path}")
-        lm = LanguageModel.from_pretrained(cfg.lm.name_or_path, dtype=cfg.lm.dtype, revision=cfg.lm.revision, device=device)
-        return cls(encoder, projection, lm).to(device).eval()
-
-
-def load_projection(cfg, d_enc: int, d_lm: int) -> Projection:
-    """A saved projection (folder), LiMBeR's `proj.ckpt`, or a fresh one when `checkpoint` is null."""
-    if cfg.checkpoint is None:
-        return Projection(d_enc, d_lm, kind=cfg.kind, n_out_tokens=cfg.n_out_tokens, dropout=cfg.dropout,
-                          max_norm=cfg.get("max_norm"))
-    path = Path(cfg.checkpoint)
-    if path.is_file():
-        return Projection.from_limber_checkpoint(path, dropout=cfg.dropout)
-    return Projection.load(path)

@@ -54,6 +54,8 @@ import PIL.Image
 import torch
 from torch import Tensor, nn
 
+from mmn.files import looks_like_local_path
+
 log = logging.getLogger(__name__)
 
 KINDS = ("beit", "open_clip", "timm")
@@ -334,7 +336,7 @@ class OpenClipEncoder(ImageEncoder):
 def _load_open_clip(name: str, pretrained: bool, resize_mode, dtype: torch.dtype, tag: str, **kwargs):
     import open_clip
 
-    if not name.startswith(("hf-hub:", "local-dir:")) and _looks_local(name):
+    if not name.startswith(("hf-hub:", "local-dir:")) and looks_like_local_path(name):
         name = "local-dir:" + str(_resolve_local(name, "open_clip"))
     elif name.startswith("local-dir:"):
         _resolve_local(name.removeprefix("local-dir:"), "open_clip")
@@ -413,15 +415,9 @@ def _load_timm(name: str, pretrained: bool, resize_mode, dtype: torch.dtype, **k
 # ----- the one entry point ----------------------------------------------------------------
 
 
-def _looks_local(name: str) -> bool:
-    from mmn.models.lm import looks_like_local_path  # one rule for what is a local path, LMs' and encoders'
-
-    return looks_like_local_path(name)
-
-
 def _resolve_local(name: str, what: str) -> str:
     """Expand a local path and check it exists; hub ids pass through unchanged."""
-    if not _looks_local(name):
+    if not looks_like_local_path(name):
         return name
     path = Path(name).expanduser()
     if not path.exists():

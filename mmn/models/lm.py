@@ -52,6 +52,8 @@ from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.cache_utils import Cache
 from transformers.pytorch_utils import Conv1D
 
+from mmn.files import looks_like_local_path
+
 
 @dataclass(frozen=True)
 class LMFamily:
@@ -152,17 +154,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
     return resolved
-
-
-def looks_like_local_path(name_or_path: str) -> bool:
-    """True when a string names a local path rather than a hub id ("org/name")."""
-    if Path(name_or_path).expanduser().exists():
-        return True
-    if name_or_path.startswith((".", "/", "~", "\\")) or name_or_path.count("/") >= 2:
-        return True
-    # "runs/world/lm" style: a relative path whose parent folder exists here.
-    parent = Path(name_or_path).parent
-    return "/" in name_or_path and str(parent) not in ("", ".") and parent.is_dir()
 
 
 def _check_local_dir(path: Path) -> None:
@@ -266,6 +257,12 @@ class LanguageModel:
     @property
     def unembed(self) -> nn.Linear:
         return self.model.get_submodule(self.family.unembed)
+
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the model takes (n_positions or max_position_embeddings), if it says."""
+        config = self.model.config
+        return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
     @property
     def device(self) -> torch.device:

@@ -29,6 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mmn.files import atomic_write, write_text
+
 KINDS = ("linear", "pooled")
 WEIGHTS_FILE = "projection.safetensors"
 CONFIG_FILE = "projection.json"
@@ -102,10 +104,8 @@ class Projection(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         config = self.config() if metadata is None else {**self.config(), "trained": metadata}
-        save_file(tensors, str(directory / (WEIGHTS_FILE + ".tmp")))
-        (directory / (CONFIG_FILE + ".tmp")).write_text(json.dumps(config, indent=2) + "\n")
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            os.replace(directory / (name + ".tmp"), directory / name)
+        atomic_write(directory / WEIGHTS_FILE, lambda temporary: save_file(tensors, str(temporary)))
+        write_text(json.dumps(config, indent=2) + "\n", directory / CONFIG_FILE)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Projection:

@@ -1,7 +1,8 @@
 """The target token c: the first noun of a generated caption, and its first token.
 
 The paper attributes the logit of c, "the first noun of the caption"; if that
-noun spans several tokens, c is its first token (procedure notes). The paper
+noun spans several tokens, c is its first token (our reading: the paper attributes
+one token's logit, and the first is the one the captioner commits to). The paper
 names no tagger, so the finder is pluggable: any callable `caption -> Noun | None`.
 
 The default, `LexiconFirstNoun`, works offline. It reads open-class parts of

@@ -51,21 +51,6 @@ def make_loggers(cfg: DictConfig, run_dir: str | Path) -> list:
     return [logger]
 
 
-def log_captions_table(loggers: Sequence, rows: Sequence[dict], step: int) -> None:
-    """Validation captions with their images as a W&B table (key val/captions); other loggers
-    get the numbers only (the captions are in the run's log)."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            import wandb
-
-            columns = ["step", "image", "caption", "first_noun", "objects", "correct", "reference"]
-            data = [[step, wandb.Image(row["image"]), row["caption"], row["first_noun"], row["objects"],
-                     row["correct"], row["reference"]] for row in rows]
-            logger.log_table("val/captions", columns=columns, data=data, step=step)
-
-
 def log_results(loggers: Sequence, summary: dict, tables: dict | None = None, figures: Sequence[Path] = ()) -> None:
     """An analysis run's results: the summary's numbers to every logger (and W&B's run summary);
     tables (name -> DataFrame) and figures (PNG paths, logged as figures/<file stem>) to W&B."""

@@ -1,7 +1,7 @@
 """`python train.py`: build what is missing, then train the projection with Lightning.
 
     train(cfg)
-      1. the Shapes world, when the config points into it and it is not built yet
+      1. the run folder (mmn.recipes.run.Run) and the Shapes world, when the config points into it
       2. the captioner (encoder + fresh projection + LM); widths checked before the LM loads
       3. data (mmn.training.data), module (mmn.training.module), loggers, checkpoints, Trainer
       4. fit (or resume from `ckpt_path`), validate the final projection, write
@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from mmn.config import digest, files_fingerprint, offline_run_environment
+from mmn.config import digest, files_fingerprint
 from mmn.data.cc3m import load_pairs
 from mmn.models.captioner import Captioner
+from mmn.recipes.loggers import finish, make_loggers
+from mmn.recipes.run import Run, ensure_world, load_captioner, uses_world
+from mmn.training.callbacks import ProjectionExport, TrainingClock
 from mmn.training.data import CaptionData
-from mmn.training.loggers import finish, make_loggers
 from mmn.training.module import ProjectionTraining
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ def accumulation(training: DictConfig, processes: int) -> int:
 def check_context_length(captioner: Captioner, training: DictConfig) -> None:
     """Image prompts + caption (training) and image prompts + "A picture of" + caption (validation)
     must fit the LM's context; say so before the first step, not as an index error inside it."""
-    config = captioner.lm.model.config
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    context = captioner.lm.context_length
     n_image = captioner.projection.n_prompt_tokens(captioner.encoder.n_tokens)
     needed = n_image + max(training.max_caption_tokens + 1, len(captioner.prompt_ids) + training.caption_tokens)
     if context is not None and needed > context:
@@ -92,53 +91,7 @@ def make_strategy(name: str, captioner: Captioner):
     return name
 
 
-class ProjectionExport(Callback):
-    """Writes run_dir/projection/ (the small checkpoint analyses load) with every full checkpoint
-    and at the end of training, from the first process only."""
-
-    def __init__(self, folder: Path, provenance: dict):
-        self.folder, self.provenance = folder, provenance
-
-    def export(self, trainer: L.Trainer, module: ProjectionTraining) -> None:
-        if trainer.is_global_zero:
-            module.projection.save(self.folder, metadata={**self.provenance, "step": trainer.global_step})
-
-    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
-        self.export(trainer, module)
-
-    def on_train_end(self, trainer, module) -> None:
-        self.export(trainer, module)
-
-
-class TrainingClock(Callback):
-    """Seconds spent in training steps (data waiting included, validation excluded)."""
-
-    def __init__(self):
-        self.seconds, self.steps, self._started = 0.0, 0, None
-
-    def on_train_batch_start(self, trainer, module, batch, batch_index) -> None:
-        self._started = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index) -> None:
-        self.seconds += time.perf_counter() - self._started
-        self.steps += 1
-        self._started = time.perf_counter()  # waiting for the next batch counts as training time
-
-
 # ----------------------------------------------------------------------------- inputs
-
-def uses_world(cfg: DictConfig) -> bool:
-    world = str(cfg.world.dir)
-    paths = [cfg.lm.name_or_path, cfg.encoder.name_or_path, cfg.data.train.source, cfg.data.eval.root]
-    return any(str(path).startswith(world) for path in paths if path is not None)
-
-
-def ensure_world(cfg: DictConfig) -> None:
-    """Build (or load from the cache) the Shapes world the config points into."""
-    from mmn.world.build import build_configured_world
-
-    build_configured_world(cfg.world)
-
 
 def feature_cache_folder(cfg: DictConfig) -> str | None:
     """Cache folder keyed by everything the features depend on: the encoder and the training pairs,
@@ -154,13 +107,8 @@ def feature_cache_folder(cfg: DictConfig) -> str | None:
 
 def train(cfg: DictConfig) -> dict:
     """Train the projection as `cfg` says; returns (and writes) the run's summary."""
-    if cfg.paths.output_dir is None:
-        raise ValueError("paths.output_dir is not set: run through train.py (Hydra sets it) or pass it")
-    run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    offline_run_environment(run_dir)
-    if cfg.logger.kind == "wandb":
-        os.environ["WANDB_MODE"] = cfg.logger.mode
+    run = Run(cfg, images=False)
+    run_dir = run.dir
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
     if cfg.data.train.source is None:
@@ -171,7 +119,7 @@ def train(cfg: DictConfig) -> dict:
     training = cfg.training
     accumulate = accumulation(training, n_processes(cfg.trainer))
 
-    captioner = Captioner.from_config(cfg)  # raises on a width mismatch before the LM's weights load
+    captioner = load_captioner(cfg)  # raises on a width mismatch before the LM's weights load
     check_context_length(captioner, training)
     module = ProjectionTraining(captioner, lr=training.lr, betas=training.betas, weight_decay=training.weight_decay,
                                 warmup_steps=training.warmup_steps, seed=cfg.seed,
@@ -180,7 +128,9 @@ def train(cfg: DictConfig) -> dict:
     data = CaptionData(
         open_pairs=lambda: load_pairs(cfg.data.train.source, format=cfg.data.train.format),
         eval_root=cfg.data.eval.root, eval_split=cfg.data.eval.split, encoder=captioner.encoder,
-        tokenizer=captioner.tokenizer, training=training, seed=cfg.seed, cache_folder=feature_cache_folder(cfg))
+        tokenizer=captioner.tokenizer, seed=cfg.seed, cache_folder=feature_cache_folder(cfg),
+        batch_size=training.batch_size, max_caption_tokens=training.max_caption_tokens, val_images=training.val_images,
+        shuffle_buffer=training.shuffle_buffer, num_workers=training.num_workers)
 
     provenance = {"encoder": OmegaConf.to_container(cfg.encoder, resolve=True),
                   "lm": OmegaConf.to_container(cfg.lm, resolve=True),

@@ -1,6 +1,3 @@
-"""Training the projection: data (data.py), the LightningModule (module.py), loggers and the
-`train(cfg)` entry (run.py) behind `python train.py`."""
-
-from mmn.training.run import train
-
-__all__ = ["train"]
+"""Training the projection with Lightning: the data (data.py: training pairs or cached features,
+evaluation images), the LightningModule (module.py) and its callbacks (callbacks.py). The recipe
+behind `python train.py` is mmn.recipes.train."""

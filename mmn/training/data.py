@@ -38,6 +38,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mmn.files import write_text
 from mmn.data.cc3m import ImageTextPairs
 from mmn.data.coco import CocoImages
 
@@ -190,10 +191,8 @@ class FeatureCache:
         return json.loads((self.folder / "captions.json").read_text())
 
     def _write_state(self, state: dict, captions: list[str]) -> None:
-        for name, text in (("captions.json", json.dumps(captions)), ("state.json", json.dumps(state, indent=2))):
-            tmp = self.folder / (name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, self.folder / name)
+        write_text(json.dumps(captions), self.folder / "captions.json")
+        write_text(json.dumps(state, indent=2), self.folder / "state.json")  # last: it says how far the build got
 
     @torch.no_grad()
     def build(self, pairs: ImageTextPairs, encoder, *, batch_size: int = 64, dtype: str = "float16",
@@ -297,11 +296,14 @@ class CaptionData(LightningDataModule):
     after the cache is built); `cache_folder` is set when features are cached."""
 
     def __init__(self, *, open_pairs: Callable[[], ImageTextPairs], eval_root: str, eval_split: str, encoder,
-                 tokenizer, training, seed: int, cache_folder: str | None):
+                 tokenizer, seed: int, cache_folder: str | None, batch_size: int, max_caption_tokens: int,
+                 val_images: int, shuffle_buffer: int, num_workers: int):
         super().__init__()
         self.open_pairs, self.eval_root, self.eval_split = open_pairs, eval_root, eval_split
-        self.encoder, self.training, self.seed = encoder, training, seed
-        self.tokenize = CaptionTokenizer(tokenizer, training.max_caption_tokens)
+        self.encoder, self.seed = encoder, seed
+        self.batch_size, self.val_images = batch_size, val_images
+        self.shuffle_buffer, self.num_workers = shuffle_buffer, num_workers
+        self.tokenize = CaptionTokenizer(tokenizer, max_caption_tokens)
         self.cache = FeatureCache(cache_folder) if cache_folder else None
         self.eval_items: list[dict] | None = None
 
@@ -314,30 +316,30 @@ class CaptionData(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if self.eval_items is None:
-            self.eval_items = evaluation_items(self.eval_root, self.eval_split, self.training.val_images,
+            self.eval_items = evaluation_items(self.eval_root, self.eval_split, self.val_images,
                                                self.encoder.preprocess, self.tokenize)
 
     def train_dataloader(self) -> DataLoader:
-        trainer, cfg = self.trainer, self.training
+        trainer = self.trainer
         # a resumed run: the micro-batches its earlier steps consumed on this rank
         skip = trainer.global_step * trainer.accumulate_grad_batches
         common = dict(seed=self.seed, rank=trainer.global_rank, world_size=trainer.world_size,
-                      batch_size=cfg.batch_size, skip_batches=skip)
+                      batch_size=self.batch_size, skip_batches=skip)
         if self.cache is not None:
             stream, workers = CachedStream(self.cache, self.tokenize, **common), 0
         else:
             stream = PairStream(self.open_pairs(), self.encoder.preprocess, self.tokenize,
-                                shuffle_buffer=cfg.shuffle_buffer, **common)
-            workers = min(cfg.num_workers, stream.n_shards)
-            if workers < cfg.num_workers:
+                                shuffle_buffer=self.shuffle_buffer, **common)
+            workers = min(self.num_workers, stream.n_shards)
+            if workers < self.num_workers:
                 log.warning("training.num_workers=%d but this rank has %d shard(s): using %d workers",
-                            cfg.num_workers, stream.n_shards, workers)
+                            self.num_workers, stream.n_shards, workers)
         if skip:
             log.info("resuming: dropping the %d batches this rank trained on before step %d", skip,
                      trainer.global_step)
-        return DataLoader(stream, batch_size=cfg.batch_size, num_workers=workers,
+        return DataLoader(stream, batch_size=self.batch_size, num_workers=workers,
                           collate_fn=partial(collate, eos=self.tokenize.eos), persistent_workers=workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.eval_items, batch_size=self.training.batch_size, shuffle=False,
+        return DataLoader(self.eval_items, batch_size=self.batch_size, shuffle=False,
                           collate_fn=partial(collate_evaluation, eos=self.tokenize.eos))

@@ -29,7 +29,6 @@ from lightning.pytorch import LightningModule
 from mmn.models.captioner import Captioner
 from mmn.models.targets import get_finder
 from mmn.training.data import IGNORE_INDEX, first_noun_names_object
-from mmn.training.loggers import log_captions_table
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +38,28 @@ def warmup_then_constant(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
 
 
+def log_captions_table(loggers: Sequence, rows: Sequence[dict], step: int) -> None:
+    """Validation captions with their images as a W&B table (key val/captions); other loggers
+    get the numbers only (the captions are in the run's log)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            columns = ["step", "image", "caption", "first_noun", "objects", "correct", "reference"]
+            data = [[step, wandb.Image(row["image"]), row["caption"], row["first_noun"], row["objects"],
+                     row["correct"], row["reference"]] for row in rows]
+            logger.log_table("val/captions", columns=columns, data=data, step=step)
+
+
 class ProjectionTraining(LightningModule):
     def __init__(self, captioner: Captioner, *, lr: float, betas: Sequence[float], weight_decay: float,
                  warmup_steps: int, seed: int = 0, caption_tokens: int = 20, table_images: int = 16,
                  first_noun_finder: str = "lexicon", with_prompt: bool = False):
         super().__init__()
         self.captioner = captioner
-        for frozen in (captioner.encoder, captioner.language_model):
-            frozen.requires_grad_(False)
+        captioner.freeze()
         self.captioner.train()  # the projection's dropout on; Captioner keeps encoder and LM in eval
         self.lr, self.betas, self.weight_decay, self.warmup_steps = lr, tuple(betas), weight_decay, warmup_steps
         self.seed, self.caption_tokens, self.table_images = seed, caption_tokens, table_images

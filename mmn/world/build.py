@@ -33,7 +33,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, fields
@@ -42,6 +41,7 @@ from typing import Any, Mapping
 
 import torch
 
+from mmn.files import write_text
 from mmn.world import generator
 from mmn.world.clip import ClipConfig, train_clip
 from mmn.world.image_encoder import EncoderConfig, train_image_encoder
@@ -297,9 +297,7 @@ def build_world(cfg: Mapping | None = None, out_dir: str | Path = "world", force
         "timings_s": timings,
         "torch_threads": torch.get_num_threads(),
     }
-    tmp = out_dir / (WORLD_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, out_dir / WORLD_FILE)  # last and atomic: its presence means a finished build
+    write_text(json.dumps(info, indent=2), out_dir / WORLD_FILE)  # last: its presence means a finished build
     info["paths"] = world_paths(out_dir)
     return info
 

@@ -39,6 +39,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from mmn.files import atomic_write, write_text
+
 SHAPES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "heart", "cross", "diamond", "hexagon",
 )
@@ -479,19 +481,32 @@ def _object_record(obj: WorldObject, image_size: int) -> dict:
             "bbox": [round(cx - r, 3), round(cy - r, 3), round(2 * r, 3), round(2 * r, 3)]}
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
-    """Write then rename, so a killed run never leaves a half-written file under the real name."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(payload)
-    partial.replace(path)
-
-
 def _add_to_tar(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)  # fixed metadata: same seed -> same bytes
     info.size, info.mtime, info.mode = len(payload), 0, 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(payload))
+
+
+def _write_shard(path: Path, shard_index: int, indices: range, index_digits: int, seed: int, cfg: SceneConfig,
+                 progress) -> None:
+    """One webdataset tar of the training images `indices` (write_training_shards)."""
+    start = indices.start
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in indices:
+            key = f"{shard_index:05d}{i - start:0{index_digits}d}"
+            scene, rng = scene_at(seed, "train", i, cfg)
+            image, _ = render(scene, cfg.image_size)
+            caption = describe(scene, rng, cfg.leftmost_first)
+            jpeg = io.BytesIO()
+            image.save(jpeg, format="JPEG", quality=cfg.jpeg_quality)
+            meta = {"key": key, "caption": caption, "width": cfg.image_size, "height": cfg.image_size,
+                    "status": "success", "objects": [_object_record(o, cfg.image_size) for o in scene.objects]}
+            _add_to_tar(tar, f"{key}.jpg", jpeg.getvalue())
+            _add_to_tar(tar, f"{key}.txt", caption.encode("utf-8"))
+            _add_to_tar(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
+            progress.update(1)
 
 
 def write_training_shards(out_dir: str | Path, n_images: int, seed: int,
@@ -511,22 +526,9 @@ def write_training_shards(out_dir: str | Path, n_images: int, seed: int,
     progress = tqdm(total=n_images, desc=f"Shapes world: training shards -> {out_dir}", unit="img")
     for shard_index, start in enumerate(range(0, n_images, shard_size)):
         path = out_dir / f"{shard_index:05d}.tar"
-        partial = path.with_name(path.name + ".partial")
-        with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(start, min(start + shard_size, n_images)):
-                key = f"{shard_index:05d}{i - start:0{index_digits}d}"
-                scene, rng = scene_at(seed, "train", i, cfg)
-                image, _ = render(scene, cfg.image_size)
-                caption = describe(scene, rng, cfg.leftmost_first)
-                jpeg = io.BytesIO()
-                image.save(jpeg, format="JPEG", quality=cfg.jpeg_quality)
-                meta = {"key": key, "caption": caption, "width": cfg.image_size, "height": cfg.image_size,
-                        "status": "success", "objects": [_object_record(o, cfg.image_size) for o in scene.objects]}
-                _add_to_tar(tar, f"{key}.jpg", jpeg.getvalue())
-                _add_to_tar(tar, f"{key}.txt", caption.encode("utf-8"))
-                _add_to_tar(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
-                progress.update(1)
-        partial.replace(path)
+        indices = range(start, min(start + shard_size, n_images))
+        atomic_write(path, lambda temporary: _write_shard(temporary, shard_index, indices, index_digits, seed, cfg,
+                                                          progress))
         paths.append(path)
     progress.close()
     # Shards of an earlier, larger run would otherwise be read by a "*.tar" glob.
@@ -592,10 +594,10 @@ def write_coco_split(out_dir: str | Path, n_images: int, seed: int,
     categories = [{"id": category_ids[s], "name": s, "supercategory": "shape"} for s in SHAPES]
     instances_path = annotation_dir / f"instances_{split}.json"
     captions_path = annotation_dir / f"captions_{split}.json"
-    _write_atomically(instances_path, json.dumps({"info": info, "licenses": licenses, "images": images,
-                                                  "annotations": instances, "categories": categories}).encode())
-    _write_atomically(captions_path, json.dumps({"info": info, "licenses": licenses, "images": images,
-                                                 "annotations": captions}).encode())
+    write_text(json.dumps({"info": info, "licenses": licenses, "images": images, "annotations": instances,
+                           "categories": categories}), instances_path)
+    write_text(json.dumps({"info": info, "licenses": licenses, "images": images, "annotations": captions}),
+               captions_path)
     return {"instances": instances_path, "captions": captions_path, "images": image_dir,
             "n_images": len(images), "n_annotations": len(instances)}
 
