@@ -50,8 +50,16 @@ def offline_run_environment(run_dir: str | Path) -> None:
 
 
 def register_resolvers() -> None:
+    """The resolvers conf/ uses, and the Shapes world's defaults as the config node `world/builder`,
+    which conf/world/shapes.yaml extends: the builder (mmn.world.build.DEFAULT_WORLD, from its parts'
+    dataclasses) is the one place they are written."""
+    from hydra.core.config_store import ConfigStore
+
+    from mmn.world.build import DEFAULT_WORLD
+
     OmegaConf.register_new_resolver("mmn.digest", digest, replace=True)
     OmegaConf.register_new_resolver("mmn.root", lambda: str(CONFIG_DIR.parent), replace=True)
+    ConfigStore.instance().store(group="world", name="builder", node=json.loads(json.dumps(DEFAULT_WORLD)))
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:

@@ -48,7 +48,7 @@ def test_world_folder_is_keyed_by_its_configuration():
     assert compose().world.dir == base.world.dir
 
 
-def test_world_config_mirrors_the_builders_defaults():
+def test_the_world_config_is_the_builders_defaults():
     import json
 
     from mmn.world.build import DEFAULT_WORLD
