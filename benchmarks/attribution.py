@@ -1,6 +1,6 @@
-"""Attribution time and memory: mmn's `grad` and `ig` against captum and the bare pass, side by side.
+"""Attribution time and memory: mmn's `grad`, `ig` and `logit` against captum and the bare pass, side by side.
 
-    .venv/bin/python benchmarks/attribution.py [--quick] [--threads N]
+    .venv/bin/python benchmarks/attribution.py [--quick] [--threads N] [--sections grad,ig,logit]
 
 The model is GPT-J-shaped with random weights (28 layers, d_model 256, d_mlp 1024, a 50400-token
 vocabulary); the inputs are random embeddings for 196 image patches plus 4 text positions, and
@@ -19,12 +19,17 @@ the target is a random token at the last position.
      captum         IntegratedGradients once per layer on the model's own forward, as
                     tests/test_attribution.py::captum_ig_layer
      captum-target  the same, given mmn's target-only forward
+3. logit, all 28 layers, batch 8 (the inputs of section 1), scores at the 196 image positions:
+     ours           mmn.analysis.attribution.logit_attribution
+     ours-norm      the same with final_norm=True
+     forward        one plain forward pass of the same inputs, no gradient (`lm.final_hidden`, the
+                    layers logit runs): the cost floor; the target is ours <= 1.2 x forward
 
 The targets are judged against `captum`, the reference of the tests; `captum-target` shows how
 much of the gain is the target-only logits and how much the rest.
 
-Times are medians of 9 (grad: a pass takes about 2 s, so timing noise matters most there) or 3
-(ig) repeats after one warm-up (for ig, on its last layer only), the methods interleaved, with
+Times are medians of 9 (grad and logit: a pass takes about 2 s or less, so timing noise matters
+most there) or 3 (ig) repeats after one warm-up (for ig, on its last layer only), the methods interleaved, with
 torch's default thread count unless --threads is given.
 Peak memory: each method runs once in a fresh process (this script with --measure SECTION:METHOD),
 which reports its peak RSS (VmHWM, reset once the model and the inputs exist) minus its RSS at
@@ -33,7 +38,7 @@ once.
 
 The script checks that ours and captum give the same numbers, and exits non-zero if they do not.
 --quick shrinks everything (4 layers, 50 positions, 1 repeat): a smoke check that runs in under
-a minute.
+a minute. --sections runs only the sections named (e.g. --sections logit, about a minute).
 """
 
 import argparse
@@ -54,7 +59,7 @@ from captum.attr import IntegratedGradients, LayerGradientXActivation
 from tokenizers import Tokenizer, models
 from transformers import GPTJConfig, GPTJForCausalLM, PreTrainedTokenizerFast
 
-from mmn.analysis.attribution import grad_attribution, ig_attribution, target_logits
+from mmn.analysis.attribution import grad_attribution, ig_attribution, logit_attribution, target_logits
 from mmn.models.lm import LanguageModel
 
 VOCAB, D_MODEL, D_MLP = 50400, 256, 1024
@@ -73,9 +78,9 @@ class Sizes:
 
 
 FULL = Sizes(n_layers=28, n_image=196, n_text=4, grad_batch=8, ig_batch=2, ig_layers=(0, 9, 18, 27), steps=20,
-             repeats={"grad": 9, "ig": 3})
+             repeats={"grad": 9, "ig": 3, "logit": 9})
 QUICK = Sizes(n_layers=4, n_image=46, n_text=4, grad_batch=2, ig_batch=1, ig_layers=(0, 3), steps=4,
-              repeats={"grad": 1, "ig": 1})
+              repeats={"grad": 1, "ig": 1, "logit": 1})
 
 
 # ----- model and inputs ---------------------------------------------------------------------
@@ -172,14 +177,29 @@ def ig_captum_target(lm, inputs, positions, ids, sizes):
     return captum_ig(lm, inputs, positions, ids, sizes, target_logits)
 
 
+def logit_ours(lm, inputs, positions, ids, sizes, final_norm=False):
+    return logit_attribution(lm, inputs, positions, ids, list(range(sizes.n_layers)), slice(0, sizes.n_image),
+                             final_norm=final_norm)
+
+
+def logit_ours_norm(lm, inputs, positions, ids, sizes):
+    return logit_ours(lm, inputs, positions, ids, sizes, final_norm=True)
+
+
+@torch.no_grad()
+def logit_forward(lm, inputs, positions, ids, sizes):
+    lm.final_hidden(inputs)
+
+
 SECTIONS = {
     "grad": {"ours": grad_ours, "bare": grad_bare, "captum": grad_captum, "captum-target": grad_captum_target},
     "ig": {"ours": ig_ours, "captum": ig_captum, "captum-target": ig_captum_target},
+    "logit": {"ours": logit_ours, "ours-norm": logit_ours_norm, "forward": logit_forward},
 }
 
 
 def section_inputs(section: str, sizes: Sizes):
-    return build_inputs(sizes, sizes.grad_batch if section == "grad" else sizes.ig_batch, seed=1)
+    return build_inputs(sizes, sizes.ig_batch if section == "ig" else sizes.grad_batch, seed=1)
 
 
 # ----- timing, memory, agreement ------------------------------------------------------------
@@ -291,21 +311,33 @@ def memory_and_agreement(memory: dict, results: dict) -> bool:
     return report_agreement("captum-target", results["ours"], results["captum-target"]) and close
 
 
-def main(quick: bool, threads: int | None) -> None:
+def main(quick: bool, threads: int | None, sections: list[str]) -> None:
     start = time.perf_counter()
     sizes = QUICK if quick else FULL
     options = [*(["--quick"] if quick else []), *([f"--threads={threads}"] if threads else [])]  # for --measure
-    n_positions = sizes.n_image + sizes.n_text
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
           f"{'set by --threads' if threads else 'torch default'}), captum {captum.__version__}; "
           f"GPT-J shape, random weights: {sizes.n_layers} layers, d_model {D_MODEL}, d_mlp {D_MLP}, vocab {VOCAB}"
           f"{' [--quick]' if quick else ''}")
-    print(f"times: median of {sizes.repeats['grad']} (grad) / {sizes.repeats['ig']} (ig) repeats after a warm-up "
+    print(f"times: median of {sizes.repeats['grad']} (grad, logit) / {sizes.repeats['ig']} (ig) repeats after a warm-up "
           f"(ig: on its last layer only), methods interleaved; peak MB: peak RSS above model + inputs, "
           f"each method once in a fresh process")
     lm = build_lm(sizes)
     all_close = True
+    if "grad" in sections:
+        all_close &= grad_section(lm, sizes, options)
+    if "ig" in sections:
+        all_close &= ig_section(lm, sizes, options)
+    if "logit" in sections:
+        logit_section(lm, sizes, options)
 
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    if not all_close:
+        sys.exit("ours and captum disagree (see above)")
+
+
+def grad_section(lm, sizes: Sizes, options: list[str]) -> bool:
+    n_positions = sizes.n_image + sizes.n_text
     print(f"\n1. grad: {sizes.n_layers} layers, batch {sizes.grad_batch}, {n_positions} positions "
           f"(scores at the {sizes.n_image} image positions)")
     times, memory, results = run_section(lm, "grad", sizes, options)
@@ -314,25 +346,36 @@ def main(quick: bool, threads: int | None) -> None:
     print(f"  ours / captum  {times['ours'] / times['captum']:.2f}  (target <= 1.0: "
           f"{verdict(times['ours'] <= times['captum'])})")
     print(f"  ours / captum-target  {times['ours'] / times['captum-target']:.2f}")
-    all_close &= memory_and_agreement(memory, results)
+    return memory_and_agreement(memory, results)
 
+
+def ig_section(lm, sizes: Sizes, options: list[str]) -> bool:
+    n_positions = sizes.n_image + sizes.n_text
     print(f"\n2. ig: {sizes.steps} steps (riemann_right), layers {list(sizes.ig_layers)}, batch {sizes.ig_batch}, "
           f"{n_positions} positions (scores at the {sizes.n_image} image positions)")
     times, memory, results = run_section(lm, "ig", sizes, options)
     print(f"  captum / ours        {times['captum'] / times['ours']:.2f}x  (target >= 2: "
           f"{verdict(times['captum'] >= 2 * times['ours'])})")
     print(f"  captum-target / ours {times['captum-target'] / times['ours']:.2f}x")
-    all_close &= memory_and_agreement(memory, results)
+    return memory_and_agreement(memory, results)
 
-    print(f"\ntotal {time.perf_counter() - start:.0f} s")
-    if not all_close:
-        sys.exit("ours and captum disagree (see above)")
+
+def logit_section(lm, sizes: Sizes, options: list[str]) -> None:
+    n_positions = sizes.n_image + sizes.n_text
+    print(f"\n3. logit: {sizes.n_layers} layers, batch {sizes.grad_batch}, {n_positions} positions "
+          f"(scores at the {sizes.n_image} image positions)")
+    times, memory, _ = run_section(lm, "logit", sizes, options)
+    for name in ("ours", "ours-norm"):
+        print(f"  {name} / forward  {times[name] / times['forward']:.2f}  (target <= 1.2: "
+              f"{verdict(times[name] <= 1.2 * times['forward'])})")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke check")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     parser.add_argument("--measure", metavar="SECTION:METHOD", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -341,4 +384,8 @@ if __name__ == "__main__":
         section, name = args.measure.split(":")
         measure(section, name, QUICK if args.quick else FULL)
     else:
-        main(args.quick, args.threads)
+        sections = args.sections.split(",")
+        unknown = sorted(set(sections) - set(SECTIONS))
+        if unknown:
+            parser.error(f"--sections: unknown {unknown}; use some of {','.join(SECTIONS)}")
+        main(args.quick, args.threads, sections)

@@ -8,10 +8,12 @@ import sys
 
 import pandas as pd
 import pytest
+from PIL import Image
 from wandb_offline import run_info
 
 from mmn.analysis import neurons
-from mmn.recipes.analyze import analyze
+from mmn.analysis.stats import bootstrap_ci
+from mmn.recipes.analyze import ablation_curve_table, analyze
 from mmn.config import CONFIG_DIR, compose
 
 REPO = CONFIG_DIR.parent
@@ -60,8 +62,51 @@ def test_tables_hold_every_image_neuron_and_ablation_setting(finished):
     curves = pd.read_parquet(run_dir / "ablation_curves.parquet")
     assert sorted(curves["k"].unique()) == KS and summary["analysed_units"] == 256
     assert curves["share"].tolist() == (curves["k"] / 256).tolist()
-    assert sorted(p.name for p in (run_dir / "figures").iterdir()) == ["ablation_curves.png", "layer_distribution.png"]
+    for row in curves.itertuples():  # bootstrap intervals over the images, bootstrap.resamples / seed by default
+        images = ablation[(ablation["arm"] == row.arm) & (ablation["k"] == row.k)].sort_values("image_id")
+        assert (row.delta_p_low, row.delta_p_high) == pytest.approx(bootstrap_ci(images["delta_p"], 1000, 0),
+                                                                    nan_ok=True)
+        assert (row.bertscore_low, row.bertscore_high) == pytest.approx(bootstrap_ci(images["bertscore"], 1000, 0),
+                                                                        nan_ok=True)
+    assert sorted(p.name for p in (run_dir / "figures").iterdir()) == ["ablation_curves.png", "cards",
+                                                                         "layer_distribution.png"]
     assert json.loads((run_dir / "summary.json").read_text())["images"] == 4
+
+
+def test_every_analysed_image_of_the_first_sixteen_has_a_neuron_card(finished):
+    run_dir, _ = finished
+    captions, neurons = pd.read_parquet(run_dir / "captions.parquet"), pd.read_parquet(run_dir / "neurons.parquet")
+    cards = pd.read_parquet(run_dir / "cards.parquet")
+    analysed = captions[~captions["skipped"]]
+    assert sorted(cards["image_id"].unique()) == sorted(analysed["image_id"])  # cards.images=16 > 4 images
+    for image_id, rows in cards.groupby("image_id"):
+        assert rows["rank"].tolist() == list(range(5))  # cards.units
+        # the card's first unit is the image's best unit: the one of its top (layer, unit, patch) triple
+        best = neurons[(neurons["image_id"] == image_id) & (neurons["rank"] == 0)]["neuron"].item()
+        assert rows["neuron"].iloc[0] == best
+        caption = analysed.set_index("image_id").loc[image_id]
+        assert (rows["caption"] == caption["caption"]).all() and (rows["noun"] == caption["noun"]).all()
+        card = Image.open(rows["card"].iloc[0])
+        assert card.mode == "RGB" and card.size == (2 * 128 + 300, 36 + 5 * 128)
+    assert sorted(p.name for p in (run_dir / "figures" / "cards").iterdir()) == sorted(
+        f"card_{i}.png" for i in analysed["image_id"])
+
+
+def test_curves_add_bootstrap_intervals_and_keep_their_means():
+    ablation = pd.DataFrame({"image_id": [2, 1, 3, 4] * 2, "arm": ["top"] * 8, "k": [0] * 4 + [8] * 4,
+                             "delta_p": [0.0, 0.0, 1.0, 0.0, -0.5, -0.5, -0.5, -0.5],
+                             "bertscore": [1.0, 1.0, 1.0, 1.0, 0.2, 0.4, float("nan"), 0.3],
+                             "n_ablated": [0] * 4 + [8] * 4})
+    curves = ablation_curve_table(ablation, 256, resamples=4000, seed=0).set_index("k")
+    assert list(curves.columns) == ["arm", "share", "delta_p_mean", "delta_p_sem", "delta_p_low", "delta_p_high",
+                                    "bertscore_mean", "bertscore_sem", "bertscore_low", "bertscore_high",
+                                    "n_ablated_mean", "images"]
+    assert curves.loc[0, ["delta_p_mean", "delta_p_sem"]].tolist() == pytest.approx([0.25, 0.25])
+    # [0, 0, 1, 0]: a resample's mean is Binomial(4, 1/4) / 4, whose 2.5% and 97.5% quantiles are 0 and .75
+    assert curves.loc[0, ["delta_p_low", "delta_p_high"]].tolist() == [0.0, 0.75]
+    assert curves.loc[8, ["delta_p_low", "delta_p_high"]].tolist() == [-0.5, -0.5]  # every image the same
+    assert curves.loc[8, "bertscore_low"] < 0.3 < curves.loc[8, "bertscore_high"]  # NaN dropped: 3 images
+    assert ablation_curve_table(ablation, 256)["delta_p_low"].notna().all()  # defaults: 1000 resamples, seed 0
 
 
 def test_a_rerun_skips_finished_batches_and_recovers_a_lost_one(overrides, finished, tmp_path):
@@ -168,4 +213,39 @@ def test_sweep_over_methods_is_one_wandb_group_with_two_result_folders(overrides
     assert "attribution=grad" in runs[0]["name"] and "attribution=ig" in runs[1]["name"]
     methods = [json.loads((sweep / job / "summary.json").read_text())["method"] for job in ("0", "1")]
     assert methods == ["grad", "ig"]
+    # ig checks its completeness on the first batch (images.batch_size=2: both images), grad does not
+    assert not len(pd.read_parquet(sweep / "0" / "completeness.parquet"))
+    completeness = pd.read_parquet(sweep / "1" / "completeness.parquet")
+    analysed = pd.read_parquet(sweep / "1" / "captions.parquet").query("not skipped")
+    assert sorted(completeness["image_id"].unique()) == sorted(analysed["image_id"])
+    assert sorted(completeness["layer"].unique()) == [0, 1] and (completeness["gap"] >= 0).all()
+    ig_summary = json.loads((sweep / "1" / "summary.json").read_text())
+    assert ig_summary["ig_completeness/relative_gap"] == pytest.approx(completeness["relative_gap"].mean())
     assert all((sweep / job / "neurons.parquet").is_file() for job in ("0", "1"))
+    # the run files hold the cards: a table with an image column, and each card as an image
+    for job, run in zip(("0", "1"), runs):
+        logged = {key: value for row in run["history"] for key, value in row.items()}
+        cards = pd.read_parquet(sweep / job / "cards.parquet")
+        assert logged["cards/_type"] == "table-file" and logged["cards/nrows"] == len(cards) > 0
+        for image_id in cards["image_id"].unique():
+            assert logged[f"figures/card_{image_id}/_type"] == "image-file"
+        table = json.loads(next((sweep / job).glob("wandb/offline-run-*/files/" + logged["cards/path"])).read_text())
+        # the card column: W&B 0.31 writes an image cell of an offline table as the word "Image"
+        # (wandb/wandb#4611); the images themselves are the run's figures/card_<id> files
+        column = table["columns"].index("card")
+        assert [row[column] for row in table["data"]] == ["Image"] * len(cards)
+        for image_id in cards["image_id"].unique():
+            path = logged[f"figures/card_{image_id}/path"]
+            assert Image.open(next((sweep / job).glob(f"wandb/offline-run-*/files/{path}"))).mode == "RGB"
+
+
+def test_a_table_with_card_paths_holds_wandb_images(tmp_path):
+    import wandb
+
+    from mmn.recipes.loggers import wandb_table
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "card.png")
+    table = wandb_table(pd.DataFrame({"neuron": ["L0.u1"], "card": [tmp_path / "card.png"]}))
+    assert table.columns == ["neuron", "card"] and isinstance(table.data[0][1], wandb.Image)
+    plain = wandb_table(pd.DataFrame({"k": [1, 2]}))  # no Path cell: the DataFrame as it is
+    assert plain.columns == ["k"] and [row[0] for row in plain.data] == [1, 2]

@@ -1,4 +1,5 @@
-"""Gradient attribution (paper eq. 2) against captum's LayerGradientXActivation, on tiny models."""
+"""Attribution on tiny models: grad (paper eq. 2) and ig against captum, act and logit against
+explicit computations."""
 
 import mmn  # noqa: F401,I001  (torchvision shim before transformers)
 
@@ -6,7 +7,14 @@ import pytest
 import torch
 from captum.attr import IntegratedGradients, LayerGradientXActivation
 
-from mmn.analysis.attribution import attribute, grad_attribution, ig_attribution, target_logits
+from mmn.analysis.attribution import (
+    attribute,
+    grad_attribution,
+    ig_attribution,
+    ig_completeness,
+    logit_attribution,
+    target_logits,
+)
 from mmn.models.lm import LanguageModel
 
 
@@ -131,6 +139,23 @@ def test_ig_completeness_on_the_last_layer(lm):
     assert errors[1] < errors[0] and errors[1] < 1e-3 * max(1.0, abs((full - baseline).item()))
 
 
+def test_ig_completeness_reports_the_gap_of_each_layer(lm):
+    torch.manual_seed(4)
+    inputs = torch.randn(2, 7, lm.d_model)
+    target_positions, target_ids = torch.tensor([6, 4]), torch.tensor([5, 3])
+    coarse, fine = (ig_completeness(lm, inputs, target_positions, target_ids, range(lm.n_layers), steps=steps,
+                                    rule="riemann_trapezoid") for steps in (4, 64))
+    assert [(row["row"], row["layer"]) for row in fine] == [(b, layer) for layer in range(lm.n_layers) for b in (0, 1)]
+    for row in fine:  # the same sum and logit change as computed by hand
+        layer, b = row["layer"], row["row"]
+        scores = ig_attribution(lm, inputs, target_positions, target_ids, [layer], slice(None), steps=64,
+                                rule="riemann_trapezoid")[b].sum()
+        assert row["scores_sum"] == pytest.approx(scores.item(), rel=1e-5, abs=1e-6)
+        assert row["gap"] == pytest.approx(abs(row["scores_sum"] - row["logit_change"]))
+    assert sum(row["gap"] for row in fine) < sum(row["gap"] for row in coarse)
+    assert max(row["relative_gap"] for row in fine) < 0.05  # 64 trapezoid steps: within 5% on every layer
+
+
 def test_act_is_the_unit_activation_and_methods_dispatch(lm):
     torch.manual_seed(5)
     inputs = torch.randn(2, 5, lm.d_model)
@@ -160,3 +185,113 @@ def test_ig_runs_the_layers_below_once_per_pass(lm):
         for hook in hooks:
             hook.remove()
     assert rows == {0: [2], 1: [12]}
+
+
+def captured_activations(lm, inputs, layers):
+    """A of each layer from the model's own forward: {layer: [batch, pos, d_mlp]}."""
+    captured = {}
+    hooks = [lm.mlp_out(layer).register_forward_pre_hook(
+        lambda module, args, layer=layer: captured.__setitem__(layer, args[0])) for layer in layers]
+    try:
+        lm.model(inputs_embeds=inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def final_norm_input(lm, inputs):
+    """The final norm's input from the model's own forward: [batch, pos, d_model]."""
+    captured = []
+    hook = lm.final_norm.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        lm.model(inputs_embeds=inputs)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def explicit_direction(lm, layer, unit, x, final_norm):
+    """What unit `unit` writes per unit of activation, [d_model], read off the weights by hand (Linear
+    [d_model, d_mlp] or GPT-2's Conv1D [d_mlp, d_model]); with final_norm, through the final norm's
+    linear part at the residual x [d_model]: centred (LayerNorm), times gamma, over the norm's scale."""
+    weight = lm.mlp_out(layer).weight
+    direction = weight[unit] if lm.family.conv1d else weight[:, unit]
+    if not final_norm:
+        return direction
+    norm = lm.final_norm
+    if isinstance(norm, torch.nn.LayerNorm):
+        return (direction - direction.mean()) * norm.weight / torch.sqrt(x.var(unbiased=False) + norm.eps)
+    return direction * norm.weight / torch.sqrt((x**2).mean() + norm.variance_epsilon)  # RMSNorm
+
+
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_logit_is_the_activation_times_the_direct_logit_of_the_write(lm, tiny_lm_sizes, final_norm):
+    torch.manual_seed(6)
+    with torch.no_grad():  # a final norm weight that is not all ones, so that gamma counts
+        lm.final_norm.weight.uniform_(0.5, 1.5)
+    inputs = torch.randn(3, 9, lm.d_model)
+    target_positions, target_ids = torch.tensor([8, 7, 6]), torch.tensor([4, 11, 2])
+    layers, positions = [1, 0], torch.tensor([0, 2, 3, 5])
+    ours = attribute(lm, "logit", inputs, target_positions, target_ids, layers, positions, final_norm=final_norm)
+    assert ours.shape == (3, 2, 4, tiny_lm_sizes.d_mlp) and ours.abs().max() > 0
+
+    with torch.no_grad():
+        activations = captured_activations(lm, inputs, layers)
+        residual = final_norm_input(lm, inputs)
+        expected = torch.empty_like(ours)
+        for b in range(3):
+            w_u = lm.unembed.weight[target_ids[b]]  # [d_model]
+            x = residual[b, target_positions[b]]  # [d_model]
+            for i, layer in enumerate(layers):
+                coefficient = torch.stack([w_u @ explicit_direction(lm, layer, k, x, final_norm)
+                                           for k in range(lm.d_mlp)])  # [d_mlp]
+                expected[b, i] = activations[layer][b, positions] * coefficient
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_logit_with_the_final_norm_sums_to_the_last_mlps_direct_logit(lm):
+    """Through the final norm's linear part, the last layer's units at the target position add up to
+    what the MLP's output (less its bias) adds to y^c with the norm's scale held: the direct effect."""
+    torch.manual_seed(7)
+    inputs = torch.randn(2, 7, lm.d_model)
+    target_positions, target_ids = torch.tensor([6, 4]), torch.tensor([3, 9])
+    last = lm.n_layers - 1
+    scores = logit_attribution(lm, inputs, target_positions, target_ids, [last], slice(None), final_norm=True)
+    with torch.no_grad():
+        activation = captured_activations(lm, inputs, [last])[last]  # [2, pos, d_mlp]
+        written = activation @ lm.unit_out_directions(last)  # the MLP's output less its bias, [2, pos, d_model]
+        residual = final_norm_input(lm, inputs)
+        norm = lm.final_norm
+        for b in range(2):
+            x, write = residual[b, target_positions[b]], written[b, target_positions[b]]
+            if isinstance(norm, torch.nn.LayerNorm):
+                linear = (write - write.mean()) * norm.weight / torch.sqrt(x.var(unbiased=False) + norm.eps)
+            else:
+                linear = write * norm.weight / torch.sqrt((x**2).mean() + norm.variance_epsilon)
+            direct = lm.unembed.weight[target_ids[b]] @ linear
+            torch.testing.assert_close(scores[b, 0, target_positions[b]].sum(), direct, rtol=1e-4, atol=1e-5)
+
+
+def test_logit_costs_one_forward_pass_and_no_backward(lm):
+    calls = []
+    hook = lm.block(0).register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    try:
+        scores = logit_attribution(lm, torch.randn(2, 5, lm.d_model), torch.tensor([4, 3]), torch.tensor([1, 2]),
+                                   list(range(lm.n_layers)), slice(0, 3), final_norm=True)
+    finally:
+        hook.remove()
+    assert calls == [2] and not scores.requires_grad
+
+
+def test_logit_settings_reach_attribute_and_are_checked():
+    from mmn.config import compose
+    from mmn.recipes.run import attribution_options, check_analysis_settings
+
+    cfg = compose(["attribution=logit"], config_name="analyze")
+    assert attribution_options(cfg) == {"final_norm": False}
+    check_analysis_settings(cfg)
+    assert attribution_options(compose(["attribution=logit", "attribution.final_norm=true"],
+                                       config_name="analyze")) == {"final_norm": True}
+    with pytest.raises(ValueError, match="attribution.final_norm='yes' must be true or false"):
+        check_analysis_settings(compose(["attribution=logit", "attribution.final_norm=yes"], config_name="analyze"))

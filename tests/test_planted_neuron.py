@@ -3,9 +3,11 @@
 A tiny GPT-J is wired by hand: unit 7 of layer 0 fires only on an image patch that carries a
 "region" direction r and writes the unembedding direction of the token "circle" into the residual
 stream; layer 1 attends uniformly, so that write reaches the position that predicts the caption's
-noun. Every other weight is small and random. The pipeline (attribute -> rank -> decode -> ablate)
-must rank the planted unit first, decode it to "circle", and zero-ablating it must remove most of
-p(circle) while ablating as many random units from the same layer barely moves it.
+noun. Every other weight is small and random. The pipeline (attribute -> rank -> decode ->
+ablate), with the gradient methods and with the gradient-free `logit` (the unit's write read
+directly by the unembedding, with and without the final norm), must rank the planted unit first,
+decode it to "circle", and zero-ablating it must remove most of p(circle) while ablating as many
+random units from the same layer barely moves it.
 """
 
 import mmn  # noqa: F401,I001  (torchvision shim before transformers)
@@ -61,8 +63,10 @@ def images(n: int, d_model: int) -> torch.Tensor:
     return inputs
 
 
-@pytest.mark.parametrize("method", ["grad", "ig"])
-def test_planted_unit_is_found_decoded_and_causal(tiny_lm, tiny_tokenizer, tiny_lm_sizes, method):
+@pytest.mark.parametrize("method, options", [("grad", {}), ("ig", {}), ("logit", {}),
+                                             ("logit", {"final_norm": True})],
+                         ids=["grad", "ig", "logit", "logit-final_norm"])
+def test_planted_unit_is_found_decoded_and_causal(tiny_lm, tiny_tokenizer, tiny_lm_sizes, method, options):
     lm, circle = planted_model(tiny_lm, tiny_tokenizer, tiny_lm_sizes.d_model)
     inputs = images(3, lm.d_model)
     positions, targets = torch.full((3,), N_PATCHES + 2), torch.full((3,), circle)
@@ -70,7 +74,8 @@ def test_planted_unit_is_found_decoded_and_causal(tiny_lm, tiny_tokenizer, tiny_
     assert (p_before > 0.5).all()  # the planted unit makes "circle" the prediction
 
     layers = [0, 1]
-    scores = attribute(lm, method, inputs, positions, targets, layers, slice(0, N_PATCHES))  # [3, 2, 6, d_mlp]
+    scores = attribute(lm, method, inputs, positions, targets, layers, slice(0, N_PATCHES),
+                       **options)  # [3, 2, 6, d_mlp]
     decoder = UnitDecoder(lm, InterpretableFilter(top_k=3, min_words=1))
     settings = []
     for image_scores in scores:

@@ -41,6 +41,9 @@ def test_every_kind_is_scored_for_every_image(finished):
     table = pd.read_parquet(run_dir / "table2.parquet")
     assert list(table["kind"]) == ["prompt", "random", "noun", "caption"]
     assert summary["prompt/clipscore"] == pytest.approx(table.loc[0, "clipscore_mean"])
+    for metric in ("clipscore", "bertscore"):  # 4 images: a bootstrap interval of each row's mean
+        assert (table[f"{metric}_low"] <= table[f"{metric}_mean"] + 1e-9).all()
+        assert (table[f"{metric}_mean"] <= table[f"{metric}_high"] + 1e-9).all()
     assert 0 <= summary["ks/prompt_vs_random/D"] <= 1 and 0 <= summary["ks/prompt_vs_random/p"] <= 1
     assert (run_dir / "figures" / "prompt_decoding.png").is_file()
     assert json.loads((run_dir / "summary.json").read_text())["images"] == 4
@@ -65,6 +68,13 @@ def test_table2_is_the_mean_over_images_of_per_image_means():
     assert table.set_index("kind").loc["random", "clipscore_mean"] == pytest.approx(15)
     assert tests["prompt_vs_noun"]["statistic"] == 1.0 and tests["prompt_vs_noun"]["n_a"] == 4  # per image, separated
     assert tests["prompt_vs_random"]["statistic"] == pytest.approx(0.75)
+    table = table.set_index("kind")
+    low, high = table.loc["prompt", ["clipscore_low", "clipscore_high"]]  # per image: 15, 40, 50, 60
+    assert 15 <= low < table.loc["prompt", "clipscore_mean"] < high <= 60
+    assert table.loc["noun", ["bertscore_low", "bertscore_high"]].tolist() == pytest.approx([0.1, 0.1])  # constant
+    again = table2(scores, resamples=500, seed=1)[1].set_index("kind")
+    assert again.equals(table2(scores, resamples=500, seed=1)[1].set_index("kind"))  # seeded
+    assert again[["clipscore_mean", "clipscore_sem"]].equals(table[["clipscore_mean", "clipscore_sem"]])
     with pytest.raises(ValueError, match="at least 4 values per sample, got 4 and 2"):
         table2(scores[(scores["kind"] != "noun") | (scores["image_id"] <= 2)])
 
@@ -72,3 +82,5 @@ def test_table2_is_the_mean_over_images_of_per_image_means():
 def test_an_unknown_random_norm_is_named(overrides, tmp_path):
     with pytest.raises(ValueError, match="prompts.random_norm='unit' is unknown"):
         run(overrides, tmp_path, "prompts.random_norm=unit")
+    with pytest.raises(ValueError, match="bootstrap.resamples=0 must be a whole number >= 1"):
+        run(overrides, tmp_path, "bootstrap.resamples=0")

@@ -4,7 +4,7 @@ from a sweep folder or a list of runs, on two tiny analyze.py runs."""
 import pandas as pd
 import pytest
 
-from mmn.analysis.compare import find_runs, top_neuron_overlap, write_report
+from mmn.analysis.compare import ablation_area, compare_methods, find_runs, rank_agreement, top_neuron_overlap, write_report
 from mmn.recipes.analyze import analyze
 from mmn.config import compose
 
@@ -40,8 +40,44 @@ def test_report_compares_the_runs_of_a_sweep(sweep, tmp_path):
     assert table["p_target_mean"].tolist() == pytest.approx(summary_p)
     overlap = markdown.split("## Overlap of top neurons")[1].split("## Figures")[0]
     assert "| 0 | 1 |" in overlap  # the one pair of runs
-    assert sorted(path.name for path in figures) == ["ablation_curves.png", "layer_distribution.png"]
+    assert sorted(path.name for path in figures) == ["ablation_curves.png", "layer_distribution.png",
+                                                     "method_agreement.png"]
     assert all(path.is_file() for path in figures)
+    faithfulness = pd.read_parquet(tmp_path / "faithfulness.parquet")
+    assert sorted(faithfulness["run"]) == ["0", "1"] and (faithfulness["images"] >= 1).all()
+    assert faithfulness["top_area"].is_monotonic_increasing  # best (most negative) first
+    for arm in ("top", "random"):
+        inside = faithfulness[f"{arm}_area_low"] <= faithfulness[f"{arm}_area"]
+        assert (inside | faithfulness[f"{arm}_area_low"].isna()).all()
+    assert "## Methods compared: what their top units cause" in markdown
+
+
+def test_rank_agreement_is_spearman_over_the_union_of_top_lists():
+    a = pd.DataFrame({"image_id": [1] * 4, "layer": [0] * 4, "unit": [1, 2, 3, 4], "score": [4.0, 3.0, 2.0, 1.0]})
+    assert rank_agreement(a, a) == pytest.approx(1.0)
+    assert rank_agreement(a, a.assign(score=-a["score"])) == pytest.approx(-1.0)
+    # b lists units 1 and 2 only: 3 and 4 tie last in b's ranking (ranks 1, 2, 3.5, 3.5 against 1, 2, 3, 4)
+    b = a.iloc[:2]
+    assert rank_agreement(a, b) == pytest.approx(pd.Series([1, 2, 3, 4]).corr(pd.Series([1, 2, 3.5, 3.5]),
+                                                                               method="spearman"))
+
+
+def test_the_ablation_area_is_the_mean_delta_p_over_the_shares():
+    ablation = pd.DataFrame({"image_id": [7, 7, 7, 7, 7, 7], "arm": ["top"] * 3 + ["random"] * 3,
+                             "k": [0, 4, 8] * 2, "delta_p": [0.0, -0.5, -1.0, 0.0, 0.0, 0.1]})
+    # shares 0, 0.5, 1: trapezoids (0 - 0.5) / 2 * 0.5 + (-0.5 - 1) / 2 * 0.5 = -0.5
+    assert ablation_area(ablation, n_units=8).loc[7] == pytest.approx(-0.5)
+    assert ablation_area(ablation, n_units=8, arm="random").loc[7] == pytest.approx(0.025)
+    neurons = pd.DataFrame({"image_id": [7], "layer": [0], "unit": [1], "score": [1.0]})
+    more = ablation.assign(image_id=8, delta_p=ablation["delta_p"] / 2)
+    jaccard, spearman, faithfulness = compare_methods({"a": neurons, "b": neurons},
+                                                      {"a": ablation, "b": pd.concat([ablation, more])},
+                                                      {"a": 8, "b": 8}, resamples=200, seed=0)
+    assert jaccard.loc["a", "b"] == 1.0 and spearman.loc["a", "a"] == 1.0
+    assert faithfulness["run"].tolist() == ["a", "b"]  # a's top units remove more of p(c): -0.5 against -0.375
+    assert faithfulness.set_index("run").loc["b", "top_area"] == pytest.approx(-0.375)
+    low, high = faithfulness.set_index("run").loc["b", ["top_area_low", "top_area_high"]]
+    assert low == pytest.approx(-0.5) and high == pytest.approx(-0.25)  # two images: the interval spans them
 
 
 def test_runs_are_named_and_checked(sweep, tmp_path):
@@ -54,3 +90,19 @@ def test_runs_are_named_and_checked(sweep, tmp_path):
         find_runs(runs=[tmp_path])
     with pytest.raises(FileNotFoundError, match="no job folder with a summary.json"):
         find_runs(sweep=tmp_path)
+
+
+def test_the_report_shows_igs_completeness_gap(sweep, tmp_path):
+    import json
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep, runs)
+    record = json.loads((runs / "1" / "analysis.json").read_text())
+    (runs / "1" / "analysis.json").write_text(json.dumps({**record, "attribution": {"method": "ig", "steps": 7}}))
+    pd.DataFrame({"image_id": [1, 1, 2, 2], "layer": [0, 1, 0, 1], "scores_sum": [1.0] * 4,
+                  "logit_change": [1.0] * 4, "gap": [0.1, 0.3, 0.1, 0.5],
+                  "relative_gap": [0.1, 0.3, 0.1, 0.5]}).to_parquet(runs / "1" / "completeness.parquet")
+    markdown, _, _ = write_report(find_runs(sweep=runs), tmp_path / "report")
+    section = markdown.split("## Integrated gradients: do the steps suffice?")[1].split("##")[0]
+    assert "| 1 | 7 | 2 | 0.25 | 0.1 | 0.4 |" in section  # run, steps, images, mean gap, layer 0, layer 1

@@ -36,6 +36,15 @@ def test_table1_takes_each_images_best_neuron_then_the_mean_over_images():
     assert table.loc["neuron", "clipscore_mean"] == pytest.approx(25.0)  # (30 + 20) / 2
     assert table.loc["neuron", "bertscore_mean"] == pytest.approx(0.3)   # (0.2 + 0.4) / 2
     assert list(table.index) == ["random", "neuron"]
+    assert list(table.columns) == [f"{metric}_{stat}" for metric in ("clipscore", "bertscore")
+                                   for stat in ("mean", "sem", "low", "high")]
+    # two images: a resample's mean is the first, their mean or the second (P = 1/4, 1/2, 1/4), so the
+    # 95% interval runs from the smaller image score to the larger; equal scores give a zero-width one
+    assert table.loc["neuron", ["clipscore_low", "clipscore_high"]].tolist() == [20.0, 30.0]
+    assert table.loc["neuron", ["bertscore_low", "bertscore_high"]].tolist() == pytest.approx([0.2, 0.4])
+    assert table.loc["random", ["clipscore_low", "clipscore_high"]].tolist() == [5.0, 7.0]
+    assert table.loc["random", ["bertscore_low", "bertscore_high"]].tolist() == pytest.approx([0.3, 0.3])
+    assert table1(scores, resamples=200, seed=3)[1].equals(table1(scores, resamples=200, seed=3)[1])
 
 
 def test_experiment_scores_a_finished_analysis(analysis_overrides, tmp_path):
@@ -50,6 +59,8 @@ def test_experiment_scores_a_finished_analysis(analysis_overrides, tmp_path):
     assert scores["clipscore"].between(0, 100).all() and scores["bertscore"].notna().all()
     table = pd.read_parquet(tmp_path / "scores" / "table1.parquet")
     assert summary["neuron/clipscore"] == pytest.approx(table.set_index("kind").loc["neuron", "clipscore_mean"])
+    assert (table["clipscore_low"] <= table["clipscore_high"]).all()  # bootstrap.resamples / seed from the config
+    assert (table["bertscore_low"] <= table["bertscore_high"]).all()
     with pytest.raises(FileNotFoundError, match="no neurons.parquet"):
         neuron_scores(compose([*common, f"paths.output_dir={tmp_path / 'again'}", f"analysis={tmp_path}"],
                               config_name="neuron_scores"))

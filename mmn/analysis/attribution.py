@@ -1,6 +1,6 @@
 """Attributing the logit of a caption's target token c to MLP units, per (layer, unit, patch).
 
-Three methods, one signature (`attribute(lm, method, ...)`), each returning
+Four methods, one signature (`attribute(lm, method, ...)`), each returning
 [batch, len(layers), n_positions, d_mlp]:
 
 - `grad` (paper eq. 2):  g[l, p, k] = Z[l, p, k] * d y^c / d Z[l, p, k]
@@ -18,6 +18,23 @@ Three methods, one signature (`attribute(lm, method, ...)`), each returning
   the layers below l run once per batch of steps: the block input of layer l is repeated for
   the steps inside the forward pass, so only layers l and above run steps x batch rows.
 - `act`: the unit activation A = act(Z) (what ablation replaces), a baseline with no gradient.
+- `logit`: the unit's direct contribution to y^c, the score MM_Neurons (Pan et al., "Finding and
+  editing multi-modal neurons in pre-trained transformers") uses in place of gradients:
+      logit[l, p, k] = A[l, p, k] * (W_U[c] . W_out[:, k])
+  A the unit activation (as for `act`), W_out[:, k] what unit k writes per unit of activation
+  (`LanguageModel.unit_out_directions`), W_U[c] the unembedding row of each image's target. One
+  forward pass with hooks, no backward; W_U[c] . W_out is a [batch, d_mlp] product per layer
+  (never [vocab, d_mlp]). `final_norm=True` passes W_out[:, k] through the final norm's linear
+  part as the target position sees it: centred (LayerNorm only, not RMSNorm), times the norm's
+  weight gamma, divided by the norm's scale at the target position (LayerNorm sqrt(var + eps),
+  RMSNorm sqrt(mean(x^2) + eps) of the final norm's input there, read by a hook).
+  It is the logit lens on one unit's write, so it ignores everything that is not direct: the
+  attention that carries the write from an image patch p to the target position (the score is
+  the same whether or not any later layer reads patch p), every layer above l (their attention,
+  MLPs and norms, and what they make of the write), the final norm's dependence on the write
+  (its scale is held at its value; without `final_norm` the norm is skipped altogether), and
+  the unembedding's bias (the same for every unit). A unit whose write has no component along
+  W_U[c] scores 0 here, whatever later layers make of that write.
 
 Only the logits of the target positions are computed, never the [rows, pos, vocab] tensor,
 which would be the largest tensor of these passes (20 IG steps x 8 images x 200 positions x a
@@ -35,7 +52,7 @@ from torch import Tensor
 
 from mmn.models.lm import LanguageModel
 
-METHODS = ("grad", "ig", "act")
+METHODS = ("grad", "ig", "act", "logit")
 IG_RULES = tuple(SUPPORTED_METHODS)  # riemann_left/right/middle/trapezoid, gausslegendre
 
 
@@ -162,6 +179,33 @@ def ig_attribution(lm: LanguageModel, inputs_embeds: Tensor, target_positions: T
                                  steps_per_pass) for layer in layers], dim=1)
 
 
+def ig_completeness(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor,
+                    layers: Sequence[int], steps: int = 20, rule: str = "riemann_right",
+                    steps_per_pass: int | None = None) -> list[dict]:
+    """IG's completeness check per image and layer: its scores over every position and unit sum to
+    y^c(Z) - y^c(0) (the logit with the layer's pre-activations zeroed) up to the integration
+    error, which shrinks with more steps; a large gap says `steps` is too few.
+    -> one row per (image row, layer): layer, scores_sum, logit_change, gap (|sum - change|),
+    relative_gap (gap / |change|)"""
+    _check_layers(lm, layers)
+    def zero(module, args, output):
+        return torch.zeros_like(output)
+
+    full = target_logits(lm, inputs_embeds, target_positions, target_ids).detach()  # [batch]
+    rows = []
+    for layer in layers:
+        with torch.no_grad(), lm.hooks(forward=[(lm.mlp_in(layer), zero)]):
+            zeroed = target_logits(lm, inputs_embeds, target_positions, target_ids)  # [batch]
+        total = ig_layer(lm, inputs_embeds, target_positions, target_ids, layer, slice(None), steps, rule,
+                         steps_per_pass).float().sum(dim=(1, 2))  # [batch]
+        change = (full - zeroed).float()
+        for b, (scores_sum, logit_change) in enumerate(zip(total.tolist(), change.tolist())):
+            gap = abs(scores_sum - logit_change)
+            rows.append({"row": b, "layer": layer, "scores_sum": scores_sum, "logit_change": logit_change,
+                         "gap": gap, "relative_gap": gap / abs(logit_change) if logit_change else float("nan")})
+    return rows
+
+
 @torch.no_grad()
 def act_attribution(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor,
                     layers: Sequence[int], positions: Tensor | slice) -> Tensor:
@@ -179,11 +223,72 @@ def act_attribution(lm: LanguageModel, inputs_embeds: Tensor, target_positions: 
     return torch.stack([activations[module] for module in modules], dim=1)
 
 
+def _final_norm_parts(lm: LanguageModel) -> tuple[bool, Tensor | None, float]:
+    """The final norm's linear part: (whether it centres its input, its weight gamma or None, eps).
+    LayerNorm (GPT-J, GPT-2, GPT-NeoX) centres; RMSNorm (Llama, Mistral, Qwen2) does not."""
+    norm = lm.final_norm
+    if isinstance(norm, torch.nn.LayerNorm):
+        return True, norm.weight, norm.eps
+    if hasattr(norm, "variance_epsilon"):  # LlamaRMSNorm and its copies: weight * x / sqrt(mean(x^2) + eps)
+        return False, norm.weight, norm.variance_epsilon
+    raise ValueError(f"logit: final_norm=True does not know the final norm {type(norm).__name__} of "
+                     f"{lm.family.name} (LayerNorm or RMSNorm only)")
+
+
+@torch.no_grad()
+def logit_attribution(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor,
+                      layers: Sequence[int], positions: Tensor | slice, final_norm: bool = False) -> Tensor:
+    """A[l, p, k] * (W_U[c] . W_out[:, k]): each unit's direct contribution to y^c, from one forward
+    pass (hooks on the MLP output projections, and with `final_norm` on the final norm's input).
+    -> [batch, len(layers), n_positions, d_mlp]"""
+    _check_layers(lm, layers)
+    modules = [lm.mlp_out(layer) for layer in layers]
+    rows = torch.arange(len(inputs_embeds))
+    unembedding = lm.unembed.weight.detach()  # [vocab, d_model]
+    readout = unembedding[target_ids.to(unembedding.device)].float()  # W_U[c] per row, [batch, d_model]
+    if final_norm:
+        centred, gamma, eps = _final_norm_parts(lm)
+        if gamma is not None:
+            readout = readout * gamma.detach().to(readout.device).float()  # W_U[c] * gamma, [batch, d_model]
+        if centred:  # (d - mean(d)) . u = d . (u - mean(u)): centre the readout once, not every direction
+            readout = readout - readout.mean(dim=-1, keepdim=True)
+    coefficients = []  # per layer: W_U[c] . W_out[:, k], [batch, d_mlp]
+    for layer in layers:
+        directions = lm.unit_out_directions(layer)  # [d_mlp, d_model]
+        coefficients.append(readout.to(directions.device, directions.dtype) @ directions.T)  # [batch, d_mlp]
+    scores: list[Tensor] = []  # the output, allocated when the first hooked layer shows A's shape and dtype
+    norm_input: list[Tensor] = []  # the final norm's input at the target positions, [batch, d_model]
+
+    def multiply(module, args, index):
+        activation = args[0][:, positions]  # A, [batch, n_positions, d_mlp]
+        if not scores:
+            scores.append(activation.new_empty(len(activation), len(modules), *activation.shape[1:]))
+        out = scores[0][:, index]  # [batch, n_positions, d_mlp], a view of the output
+        coefficient = coefficients[index].to(out.device, out.dtype)[:, None]  # [batch, 1, d_mlp]
+        torch.mul(activation.to(out.device), coefficient, out=out)
+
+    def capture_norm_input(module, args):
+        hidden = args[0]  # [batch, pos, d_model]
+        norm_input.append(hidden[rows.to(hidden.device), target_positions.to(hidden.device)].float())
+
+    hooks = [(module, partial(multiply, index=index)) for index, module in enumerate(modules)]
+    if final_norm:
+        hooks.append((lm.final_norm, capture_norm_input))
+    with lm.hooks(pre=hooks):
+        lm.final_hidden(inputs_embeds)
+    if final_norm:
+        x = norm_input[0]  # [batch, d_model]
+        spread = x.var(dim=-1, unbiased=False) if centred else x.pow(2).mean(dim=-1)  # [batch]
+        inverse_scale = torch.rsqrt(spread + eps)  # 1 / the norm's scale at the target position, [batch]
+        scores[0].mul_(inverse_scale.to(scores[0].device, scores[0].dtype)[:, None, None, None])
+    return scores[0]
+
+
 def attribute(lm: LanguageModel, method: str, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor,
               layers: Sequence[int], positions: Tensor | slice, **options) -> Tensor:
-    """Scores per (layer, unit, position) by `method` ("grad", "ig" with steps/rule/steps_per_pass, "act").
-    -> [batch, len(layers), n_positions, d_mlp]"""
-    functions = {"grad": grad_attribution, "ig": ig_attribution, "act": act_attribution}
+    """Scores per (layer, unit, position) by `method` ("grad", "ig" with steps/rule/steps_per_pass, "act",
+    "logit" with final_norm).  -> [batch, len(layers), n_positions, d_mlp]"""
+    functions = {"grad": grad_attribution, "ig": ig_attribution, "act": act_attribution, "logit": logit_attribution}
     if method not in functions:
         raise ValueError(f"unknown attribution method {method!r}; use one of {METHODS}")
     return functions[method](lm, inputs_embeds, target_positions, target_ids, layers, positions, **options)

@@ -20,15 +20,22 @@ ARM_STYLE = {"top": ("multimodal neurons (top units)", "tab:red"),
 
 def ablation_curves(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
     """curves: one row per (arm, k) with its share of the units and the mean and standard error of
-    delta_p and bertscore."""
+    delta_p and bertscore, and optionally their bootstrap intervals (<column>_low, <column>_high):
+    each arm's band is the interval where the table has one, else mean ± standard error."""
+    intervals = all(f"{c}_{end}" in curves for c in ("delta_p", "bertscore") for end in ("low", "high"))
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for arm, rows in curves.groupby("arm", sort=False):
         label, color = ARM_STYLE.get(arm, (arm, None))
         rows = rows.sort_values("k")
         for axis, column, scale in ((left, "delta_p", 100.0), (right, "bertscore", 1.0)):
-            mean, error = rows[f"{column}_mean"] * scale, rows[f"{column}_sem"].fillna(0) * scale
+            mean = rows[f"{column}_mean"] * scale
+            if intervals:  # no interval (fewer than 2 images): no band
+                low, high = rows[f"{column}_low"] * scale, rows[f"{column}_high"] * scale
+            else:
+                error = rows[f"{column}_sem"].fillna(0) * scale
+                low, high = mean - error, mean + error
             axis.plot(rows["k"], mean, marker="o", label=label, color=color)
-            axis.fill_between(rows["k"], mean - error, mean + error, alpha=0.2, color=color)
+            axis.fill_between(rows["k"], low, high, alpha=0.2, color=color, linewidth=0)
     ks = sorted(curves["k"].unique())
     for axis in (left, right):
         axis.set_xscale("symlog", linthresh=50)
@@ -37,8 +44,9 @@ def ablation_curves(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
         axis.minorticks_off()
         axis.set_xlabel("units ablated (k, and share of the analysed units)")
         axis.grid(alpha=0.3)
-    left.set_ylabel("change in p(c), % (mean ± s.e.)")
-    right.set_ylabel("BERTScore F1, ablated vs original caption")
+    band = "bootstrap 95% CI" if intervals else "± s.e."
+    left.set_ylabel(f"change in p(c), % (mean, {band})")
+    right.set_ylabel(f"BERTScore F1, ablated vs original caption\n(mean, {band})")
     left.axhline(0, color="black", linewidth=0.8)
     left.legend(fontsize=8)
     figure.suptitle(title or "Ablating units ordered by attribution score")
@@ -65,9 +73,12 @@ KIND_STYLE = {"prompt": ("image prompts, decoded", "tab:blue"), "random": ("rand
               "noun": ("nouns of the human captions", "tab:green"), "caption": ("generated captions", "tab:red")}
 
 
-def score_distributions(per_image: pd.DataFrame, path: Path, title: str = "") -> Path:
+def score_distributions(per_image: pd.DataFrame, path: Path, title: str = "", table: pd.DataFrame | None = None
+                        ) -> Path:
     """Histograms per kind of text of the per-image mean CLIPScore and BERTScore, and of the best
-    CLIPScore per image (Figure 3 shows the mean over patches and the max per image)."""
+    CLIPScore per image (Figure 3 shows the mean over patches and the max per image). With `table`
+    (Table 2: kind, <metric>_mean and, optionally, <metric>_low / <metric>_high), each kind's mean
+    over images is marked above its histogram, with its interval as a horizontal error bar."""
     panels = (("clipscore", "CLIPScore, mean per image"), ("clipscore_max", "CLIPScore, max per image"),
               ("bertscore", "BERTScore F1 vs human captions, mean per image"))
     figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -75,11 +86,30 @@ def score_distributions(per_image: pd.DataFrame, path: Path, title: str = "") ->
         for kind, rows in per_image.groupby("kind", sort=False):
             name, color = KIND_STYLE.get(kind, (kind, None))
             axis.hist(rows[column].dropna(), bins=20, alpha=0.5, color=color, label=name)
+        if table is not None and f"{column}_mean" in table:
+            mean_markers(axis, table, column)
         axis.set_xlabel(label)
         axis.set_ylabel("images")
     axes[0].legend(fontsize=8)
     figure.suptitle(title or "Decoded image prompts (Figure 3)")
     return save(figure, path)
+
+
+def mean_markers(axis, table: pd.DataFrame, column: str) -> None:
+    """Each row's (kind's) mean of `column` as a point above the histograms, one height per kind,
+    with <column>_low .. <column>_high as its horizontal error bar where the table has them."""
+    top, intervals = axis.get_ylim()[1], False
+    for j, row in enumerate(table.to_dict("records")):
+        mean, low, high = row[f"{column}_mean"], row.get(f"{column}_low"), row.get(f"{column}_high")
+        if not np.isfinite(mean):
+            continue
+        error = None
+        if low is not None and high is not None and np.isfinite(low) and np.isfinite(high):
+            error, intervals = [[max(mean - low, 0.0)], [max(high - mean, 0.0)]], True
+        axis.errorbar([mean], [top * (1.04 + 0.05 * j)], xerr=error, fmt="o", markersize=4, capsize=3,
+                      color=KIND_STYLE.get(row["kind"], (None, None))[1])
+    axis.set_ylim(top=top * (1.08 + 0.05 * len(table)))
+    axis.set_title("points: mean over images" + (", bars: bootstrap 95% CI" if intervals else ""), fontsize=8)
 
 
 def iou_bars(per_category: pd.DataFrame, path: Path, title: str = "") -> Path:

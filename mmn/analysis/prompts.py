@@ -23,6 +23,7 @@ from scipy.stats import ks_2samp
 from torch import Tensor
 
 from mmn.analysis.decoding import join_tokens
+from mmn.analysis.stats import with_intervals
 from mmn.models.lm import LanguageModel
 
 # With at least 4 values in each sample, two completely separated samples reach p < .05 whatever
@@ -116,10 +117,12 @@ def texts_to_score(captioner, items: Sequence[dict], finder, generator: torch.Ge
     return rows
 
 
-def table2(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def table2(scores: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Per-image means of each kind (and the best CLIPScore of each image, which Figure 3 also
-    shows), then the mean and standard error over images (Table 2), and two-sample KS tests on the
-    per-image mean CLIPScores: prompts vs random vectors, prompts vs nouns.
+    shows), then the mean and standard error over images (Table 2) with a 95% bootstrap interval
+    of the mean (<metric>_low, <metric>_high: `resamples` resamples of the images, seeded by
+    `seed`; stats.bootstrap_ci), and two-sample KS tests on the per-image mean CLIPScores: prompts
+    vs random vectors, prompts vs nouns.
     -> (per_image, table, {"prompt_vs_random": ks, "prompt_vs_noun": ks})"""
     per_image = (scores.groupby(["kind", "image_id"])
                  .agg(clipscore=("clipscore", "mean"), bertscore=("bertscore", "mean"),
@@ -129,4 +132,5 @@ def table2(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
     clip_of = {kind: rows["clipscore"].to_numpy() for kind, rows in per_image.groupby("kind")}
     tests = {f"prompt_vs_{other}": ks_test(clip_of["prompt"], clip_of[other]) for other in ("random", "noun")}
-    return per_image, table.reset_index(), tests
+    table = with_intervals(table.reset_index(), per_image, "kind", ("clipscore", "bertscore"), resamples, seed)
+    return per_image, table, tests

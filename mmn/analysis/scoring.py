@@ -19,8 +19,10 @@ import pandas as pd
 import torch
 
 from mmn.analysis.decoding import join_tokens
+from mmn.analysis.stats import with_intervals
 
 KINDS = ("random", "neuron", "caption")  # the rows of Table 1
+METRICS = ("clipscore", "bertscore")  # its columns
 
 
 def score_texts(rows: list[dict], items: Sequence[dict], clip, bertscore) -> pd.DataFrame:
@@ -66,11 +68,12 @@ def neuron_texts(neurons: pd.DataFrame, captions: pd.DataFrame, generator: torch
     return rows
 
 
-def table1(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def table1(scores: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Each image's best CLIPScore and BERTScore per kind, then the mean and standard error over
-    images.  -> (per_image, table)"""
+    images, and a 95% bootstrap interval of the mean (<metric>_low, <metric>_high: `resamples`
+    resamples of the images, seeded by `seed`; stats.bootstrap_ci).  -> (per_image, table)"""
     per_image = scores.groupby(["kind", "image_id"])[["clipscore", "bertscore"]].max().reset_index()
     table = per_image.groupby("kind")[["clipscore", "bertscore"]].agg(["mean", "sem"])
     table = table.reindex([kind for kind in KINDS if kind in table.index])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
-    return per_image, table.reset_index()
+    return per_image, with_intervals(table.reset_index(), per_image, "kind", METRICS, resamples, seed)

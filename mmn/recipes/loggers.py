@@ -51,9 +51,21 @@ def make_loggers(cfg: DictConfig, run_dir: str | Path) -> list:
     return [logger]
 
 
+def wandb_table(frame):
+    """A DataFrame as a wandb.Table; cells holding a Path (a PNG, e.g. a neuron card) become images."""
+    import wandb
+
+    if not any(isinstance(value, Path) for value in frame.to_numpy().ravel()):
+        return wandb.Table(dataframe=frame)
+    rows = [[wandb.Image(str(value)) if isinstance(value, Path) else value for value in row]
+            for row in frame.itertuples(index=False)]
+    return wandb.Table(columns=[str(column) for column in frame.columns], data=rows)
+
+
 def log_results(loggers: Sequence, summary: dict, tables: dict | None = None, figures: Sequence[Path] = ()) -> None:
     """An analysis run's results: the summary's numbers to every logger (and W&B's run summary);
-    tables (name -> DataFrame) and figures (PNG paths, logged as figures/<file stem>) to W&B."""
+    tables (name -> DataFrame; Path cells as images) and figures (PNG paths, logged as
+    figures/<file stem>) to W&B."""
     from lightning.pytorch.loggers import WandbLogger
 
     scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -63,7 +75,7 @@ def log_results(loggers: Sequence, summary: dict, tables: dict | None = None, fi
             import wandb
 
             run = logger.experiment
-            run.log({**{name: wandb.Table(dataframe=frame) for name, frame in (tables or {}).items()},
+            run.log({**{name: wandb_table(frame) for name, frame in (tables or {}).items()},
                      **{f"figures/{Path(path).stem}": wandb.Image(str(path)) for path in figures}})
             run.summary.update(scalars)
 

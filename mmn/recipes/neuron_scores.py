@@ -16,10 +16,11 @@ from mmn.analysis.bertscore import BertScorer
 from mmn.analysis.clipscore import ClipScorer
 from mmn.analysis.scoring import neuron_texts, score_texts, table1
 from mmn.files import write_parquet
-from mmn.recipes.run import Run, latest_analysis
+from mmn.recipes.run import Run, check_count, latest_analysis
 
 
 def neuron_scores(cfg: DictConfig) -> dict:
+    check_count("bootstrap.resamples", cfg.bootstrap.resamples)
     run = Run(cfg)
     analysis = latest_analysis(cfg) if cfg.analysis == "latest" else Path(cfg.analysis)
     for name in ("neurons.parquet", "captions.parquet"):
@@ -46,7 +47,7 @@ def neuron_scores(cfg: DictConfig) -> dict:
     tables = run.each_batch(len(image_ids), work, desc="neuron scores")
     if tables is None:
         return run.shard_finished()
-    per_image, table = table1(tables["scores"])
+    per_image, table = table1(tables["scores"], cfg.bootstrap.resamples, cfg.bootstrap.seed)
     write_parquet(per_image, run.dir / "per_image.parquet")
     write_parquet(table, run.dir / "table1.parquet")
     summary = {"analysis": str(analysis), "images": int(per_image["image_id"].nunique()),

@@ -25,6 +25,7 @@ def prompt_decoding(cfg: DictConfig) -> dict:
     if cfg.prompts.random_norm not in RANDOM_NORMS:
         raise ValueError(f"prompts.random_norm={cfg.prompts.random_norm!r} is unknown; use matched or standard")
     check_count("prompts.top_k", cfg.prompts.top_k)
+    check_count("bootstrap.resamples", cfg.bootstrap.resamples)
     run = Run(cfg)
     clip = ClipScorer(cfg.clip.model, cfg.clip.pretrained)
     bertscore = BertScorer(cfg.bertscore.model, cfg.bertscore.num_layers)
@@ -47,7 +48,7 @@ def prompt_decoding(cfg: DictConfig) -> dict:
     tables = run.each_batch(run.n_images, work, desc="prompt decoding")
     if tables is None:
         return run.shard_finished()
-    per_image, table, tests = table2(tables["scores"])
+    per_image, table, tests = table2(tables["scores"], cfg.bootstrap.resamples, cfg.bootstrap.seed)
     write_parquet(per_image, run.dir / "per_image.parquet")
     write_parquet(table, run.dir / "table2.parquet")
     summary = {"images": int(per_image["image_id"].nunique()), "images_skipped": int(tables["images"]["skipped"].sum()),
@@ -57,5 +58,6 @@ def prompt_decoding(cfg: DictConfig) -> dict:
     for name, test in tests.items():
         summary |= {f"ks/{name}/D": test["statistic"], f"ks/{name}/p": test["pvalue"]}
     figure = score_distributions(per_image, run.figure("prompt_decoding.png"),
-                                 f"image prompts vs random vectors, nouns and captions, {summary['images']} images")
+                                 f"image prompts vs random vectors, nouns and captions, {summary['images']} images",
+                                 table)
     return run.finish(summary, {"table2": table}, [figure])

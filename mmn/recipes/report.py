@@ -16,6 +16,6 @@ def report(cfg: DictConfig) -> Path:
     """Write the report, log it, return the path of report.md."""
     folders = find_runs(cfg.sweep, cfg.runs)
     run = Run(cfg, images=False)
-    _, table, figures = write_report(folders, run.dir)
+    _, table, figures = write_report(folders, run.dir, cfg.bootstrap.resamples, cfg.bootstrap.seed)
     run.finish({"runs": len(folders)}, {"runs": table}, figures)
     return run.dir / "report.md"

@@ -112,13 +112,15 @@ def check_analysis_settings(cfg: DictConfig) -> None:
     method = cfg.attribution.method
     if method not in METHODS:
         raise ValueError(f"attribution.method={method!r} is unknown; use one of {METHODS} "
-                         f"(attribution=grad|ig|act)")
+                         f"(attribution={'|'.join(METHODS)})")
     if method == "ig":
         if cfg.attribution.rule not in IG_RULES:
             raise ValueError(f"attribution.rule={cfg.attribution.rule!r} is unknown; use one of {IG_RULES}")
         check_count("attribution.steps", cfg.attribution.steps, minimum=2)
         if cfg.attribution.steps_per_pass is not None:
             check_count("attribution.steps_per_pass", cfg.attribution.steps_per_pass)
+    if method == "logit" and not isinstance(cfg.attribution.final_norm, bool):
+        raise ValueError(f"attribution.final_norm={cfg.attribution.final_norm!r} must be true or false")
     check_filter(cfg.filter.top_k, cfg.filter.min_words, cfg.filter.min_letters)
     if cfg.ablation.mode not in MODES:
         raise ValueError(f"ablation.mode={cfg.ablation.mode!r} is unknown; use one of {MODES}")
@@ -148,7 +150,10 @@ def resolve_layers(layers: DictConfig, n_layers: int) -> list[int]:
 
 
 def attribution_options(cfg: DictConfig) -> dict:
-    """The method's own keyword arguments for `attribute` (IG's steps, rule and steps per pass)."""
+    """The method's own keyword arguments for `attribute` (IG's steps, rule and steps per pass;
+    logit's final_norm)."""
+    if cfg.attribution.method == "logit":
+        return {"final_norm": cfg.attribution.final_norm}
     if cfg.attribution.method != "ig":
         return {}
     return {"steps": cfg.attribution.steps, "rule": cfg.attribution.rule,
