@@ -106,3 +106,33 @@ def test_the_report_shows_igs_completeness_gap(sweep, tmp_path):
     markdown, _, _ = write_report(find_runs(sweep=runs), tmp_path / "report")
     section = markdown.split("## Integrated gradients: do the steps suffice?")[1].split("##")[0]
     assert "| 1 | 7 | 2 | 0.25 | 0.1 | 0.4 |" in section  # run, steps, images, mean gap, layer 0, layer 1
+
+
+def test_runs_are_named_by_the_overrides_they_do_not_share(tmp_path):
+    from mmn.analysis.compare import run_names
+
+    folders = []
+    for job, method in enumerate(["grad", "ig"]):
+        folder = tmp_path / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(
+            f"- attribution={method}\n- projection.checkpoint=/p\n- hydra.sweep.dir=x\n")
+        folders.append(folder)
+    assert run_names(folders) == ["attribution=grad", "attribution=ig"]
+    assert run_names(folders[:1]) == ["attribution=grad,projection.checkpoint=/p"]
+    (tmp_path / "2").mkdir()
+    assert run_names([tmp_path / "2", tmp_path / "2"]) == ["2 (2)", "2 (2)"]
+
+
+def test_the_report_of_a_sweep_is_one_more_run_in_its_wandb_group(sweep, tmp_path):
+    from wandb_offline import run_info
+
+    from mmn.recipes.report import report
+
+    out = tmp_path / "report"
+    report(compose([f"sweep={sweep}", "logger=wandb", "logger.mode=offline", f"paths.output_dir={out}"],
+                   config_name="report"))
+    info = run_info(next(out.glob("wandb/offline-run-*/run-*.wandb")))
+    assert info["group"] == sweep.name
+    logged = {key for row in info["history"] for key in row}
+    assert {"runs/_type", "figures/method_agreement/_type", "figures/ablation_curves/_type"} <= logged

@@ -46,12 +46,22 @@ def find_runs(sweep: str | Path | None = None, runs=None) -> list[Path]:
     return folders
 
 
-def run_name(folder: Path) -> str:
-    """The run's Hydra overrides ("attribution=ig,layers.start=1"), or its folder name without any."""
+def overrides_of(folder: Path) -> list[str]:
+    """The run's Hydra overrides, without those that only say where it writes and logs."""
     path = folder / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(path.read_text()) or [] if path.is_file() else []
-    overrides = [o for o in overrides if not o.startswith(("hydra.", "paths.", "logger"))]
-    return ",".join(overrides) or folder.name
+    return [o for o in overrides if not o.startswith(("hydra.", "paths.", "logger"))]
+
+
+def run_names(folders: list[Path]) -> list[str]:
+    """Each run's overrides that not every run shares ("attribution=ig"), or its folder name when
+    it has none; runs alike in all of them are told apart by their folders."""
+    overrides = [overrides_of(folder) for folder in folders]
+    shared = set.intersection(*map(set, overrides)) if len(folders) > 1 else set()
+    names = [",".join(o for o in own if o not in shared) or folder.name for own, folder in zip(overrides, folders)]
+    if len(set(names)) < len(names):
+        names = [f"{name} ({folder.name})" for name, folder in zip(names, folders)]
+    return names
 
 
 def headline(summary: dict) -> dict:
@@ -205,9 +215,7 @@ def write_report(folders: list[Path], out: Path, resamples: int = 1000, seed: in
     """The comparison of `folders` written to out/report.md and out/figures/ (and, for analysis
     runs, out/faithfulness.parquet); bootstrap intervals with `resamples` resamples from `seed`.
     -> (the markdown, the headline table, the figures)"""
-    names = [run_name(folder) for folder in folders]
-    if len(set(names)) < len(names):  # the same overrides (e.g. separate runs): tell them apart by folder
-        names = [f"{name} ({folder.name})" for name, folder in zip(names, folders)]
+    names = run_names(folders)
     summaries = [json.loads((folder / "summary.json").read_text()) for folder in folders]
     table = pd.DataFrame([{"run": name, **headline(summary)} for name, summary in zip(names, summaries)])
     lines = [f"# Comparison of {len(folders)} runs", "",

@@ -2,9 +2,9 @@
 The recipe is mmn.recipes.selectivity (`python experiments/selectivity.py`).
 
 For images holding one object of a category, each image's `selectivity.top_units` (100)
-interpretable top units are found as analyze.py finds them (mmn.recipes.run.TopUnits). Per category, the `selectivity.units` (20) units that are
-most often among its images' top units are its units
-(chosen on half of its images); their mean activation A over every image-prompt position is then
+interpretable top units are found as analyze.py finds them (mmn.recipes.run.TopUnits). Per
+category, the `selectivity.units` (20) units that are most often among its images' top units are
+its units (chosen on half of its images); their mean activation A over every image-prompt position is then
 measured on the other half of every category's images (held out, so the choice does not favour
 its own images). Row c of the matrix is category c's units, column d their mean activation on
 category d's images; a selective set of units has its largest value on the diagonal.

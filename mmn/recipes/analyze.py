@@ -71,7 +71,8 @@ def draw_cards(captioner: Captioner, images: list[dict], pixels: torch.Tensor, t
     """The neuron cards (mmn.analysis.cards) of the analysed images whose ids are in `wanted`, one
     PNG each in `folder`: the top n_units units by their best patch, their activation maps (one
     forward pass over these images) and their score maps. -> one row per (image, unit)"""
-    chosen = [(i, b) for i, b in ((i, targets.kept[i]) for i in scores) if images[b]["image_id"] in wanted]
+    # (row of the targets' tensors, image) of each card
+    chosen = [(i, targets.kept[i]) for i in scores if images[targets.kept[i]]["image_id"] in wanted]
     if not chosen:
         return []
     units = {i: unit_ranking(scores[i], layers)[:n_units] for i, _ in chosen}  # [n_units, 2] each
@@ -88,7 +89,6 @@ def draw_cards(captioner: Captioner, images: list[dict], pixels: torch.Tensor, t
             shown.append(CardUnit(neuron_name(layer, unit), tokens, interpretable, maps[card, column[(layer, unit)]],
                                   scores[i][layers.index(layer), :, unit].reshape(grid)))
         path = folder / f"card_{item['image_id']}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda temporary: neuron_card(item["image"], row["caption"], row["noun"], shown)
                      .save(temporary, format="PNG"))
         rows += [{"image_id": item["image_id"], "caption": row["caption"], "noun": row["noun"], "rank": rank,
