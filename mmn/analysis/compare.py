@@ -167,14 +167,19 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def overlaid_ablation_curves(curves: dict[str, pd.DataFrame], path: Path) -> Path:
+    """The runs' top and random curves in one axis, each top curve with its bootstrap 95% band
+    where the run's table has one (ablation_curves.parquet's delta_p_low / delta_p_high)."""
     figure, axis = plt.subplots(figsize=(7, 4))
     for (name, frame), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
         for arm, style in (("top", "-"), ("random", ":")):
             rows = frame[frame["arm"] == arm].sort_values("k")
             axis.plot(rows["k"], 100 * rows["delta_p_mean"], style, marker="o", color=color, label=f"{name}: {arm}")
+            if arm == "top" and {"delta_p_low", "delta_p_high"} <= set(rows.columns):
+                axis.fill_between(rows["k"], 100 * rows["delta_p_low"], 100 * rows["delta_p_high"], color=color,
+                                  alpha=0.15, linewidth=0)
     axis.set_xscale("symlog", linthresh=50)
     axis.set_xlabel("units ablated (k)")
-    axis.set_ylabel("change in p(c), %")
+    axis.set_ylabel("change in p(c), % (top units: bootstrap 95% band)")
     axis.axhline(0, color="black", linewidth=0.8)
     axis.legend(fontsize=7)
     axis.set_title("Ablation curves, runs overlaid (top units solid, random dotted)")
