@@ -249,3 +249,19 @@ def test_global_batch_must_divide_into_micro_batches():
     assert accumulation(OmegaConf.create({"global_batch_size": 256, "batch_size": 16}), 4) == 4
     with pytest.raises(ValueError, match="global_batch_size=100 is not a multiple of.*batch_size=16 x 4"):
         accumulation(OmegaConf.create({"global_batch_size": 100, "batch_size": 16}), 4)
+
+
+def test_llavas_projector_trains_and_is_what_analyses_load(tiny_world, tmp_path):
+    """`python train.py projection=mlp2x_gelu`: the loss reaches both of its layers and nothing
+    else (LLaVA's stage 1: only the projector trains), and the run's folder loads back as it."""
+    captioner = load_captioner(compose([*tiny_world, "projection=mlp2x_gelu"]))
+    module = ProjectionTraining(captioner, lr=8e-4, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=2)
+    _, batch = caption_batch(module, ["a red circle", "two stars"])
+    module.caption_loss(batch).backward()
+    for layer in (captioner.projection.linear, captioner.projection.linear_2):
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    optimised = {id(p) for group in module.configure_optimizers()["optimizer"].param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in captioner.projection.parameters()}
+    summary = train_run(tiny_world, tmp_path, "projection=mlp2x_gelu", "logger=none")
+    trained = Projection.load(tmp_path / "projection")
+    assert summary["steps"] > 0 and trained.kind == "mlp2x_gelu" and trained.dropout_p == 0.0

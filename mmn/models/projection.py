@@ -1,11 +1,15 @@
 """The learned projection P: image-encoder features -> image prompts in the LM's input space.
 
-Two kinds, as in LiMBeR:
+Two kinds as in LiMBeR, and LLaVA's:
 
 - ``kind="linear"``: one ``nn.Linear(d_enc, d_lm)`` applied to every encoder token
   (BEiT: 196 patch vectors -> 196 image prompts; CLIP RN50x16: 144 -> 144).
 - ``kind="pooled"``: mean-pool the encoder tokens, ``nn.Linear(d_enc, k * d_lm)``, reshape to
   k prompts (NF-ResNet50: one pooled 2048-d vector -> k = 1 prompt).
+- ``kind="mlp2x_gelu"``: LLaVA 1.5's projector, ``Linear(d_enc, d_lm) -> GELU -> Linear(d_lm,
+  d_lm)`` on every token: a non-linear map, so the image prompts need not be a linear read-out
+  of the features. ``Projection.from_llava_checkpoint`` reads a LLaVA checkpoint's
+  ``multi_modal_projector`` weights.
 
 ``max_norm`` (off in LiMBeR) shortens any prompt longer than it to that L2 norm, so the prompts
 stay in the scale of the LM's own residual stream (see docs/shapes_world_2.md).
@@ -31,7 +35,8 @@ from torch import Tensor, nn
 
 from mmn.files import atomic_write, write_text
 
-KINDS = ("linear", "pooled")
+KINDS = ("linear", "pooled", "mlp2x_gelu")
+PER_TOKEN = ("linear", "mlp2x_gelu")  # one image prompt per encoder token
 WEIGHTS_FILE = "projection.safetensors"
 CONFIG_FILE = "projection.json"
 
@@ -44,8 +49,8 @@ class Projection(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown projection kind {kind!r}: use one of {KINDS}")
-        if kind == "linear" and n_out_tokens != 1:
-            raise ValueError(f"n_out_tokens={n_out_tokens} only applies to kind='pooled' (linear maps token to token)")
+        if kind in PER_TOKEN and n_out_tokens != 1:
+            raise ValueError(f"n_out_tokens={n_out_tokens} only applies to kind='pooled' ({kind} maps token to token)")
         if n_out_tokens < 1 or d_enc < 1 or d_lm < 1:
             raise ValueError(f"dimensions must be positive: d_enc={d_enc}, d_lm={d_lm}, n_out_tokens={n_out_tokens}")
         if not 0.0 <= dropout < 1.0:
@@ -59,13 +64,15 @@ class Projection(nn.Module):
         self.dropout_p = dropout
         self.max_norm = max_norm
         self.linear = nn.Linear(d_enc, d_lm * n_out_tokens)
+        if kind == "mlp2x_gelu":  # LLaVA's linear_1 is self.linear, its linear_2 this one
+            self.linear_2 = nn.Linear(d_lm, d_lm)
         self.dropout = nn.Dropout(dropout)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, d_enc={self.d_enc}, d_lm={self.d_lm}, n_out_tokens={self.n_out_tokens}"
 
     def n_prompt_tokens(self, n_encoder_tokens: int) -> int:
-        return n_encoder_tokens if self.kind == "linear" else self.n_out_tokens
+        return n_encoder_tokens if self.kind in PER_TOKEN else self.n_out_tokens
 
     def forward(self, features: Tensor) -> Tensor:
         """[batch, n_tok, d_enc] -> [batch, n_prompt, d_lm]."""
@@ -76,6 +83,8 @@ class Projection(nn.Module):
         features = features.to(self.linear.weight.dtype)
         if self.kind == "linear":
             prompts = self.linear(features)  # [batch, n_tok, d_lm]
+        elif self.kind == "mlp2x_gelu":
+            prompts = self.linear_2(nn.functional.gelu(self.linear(features)))  # [batch, n_tok, d_lm]
         else:
             pooled = features.mean(dim=1)  # [batch, d_enc]
             prompts = self.linear(pooled).view(-1, self.n_out_tokens, self.d_lm)  # [batch, k, d_lm]
@@ -127,6 +136,37 @@ class Projection(nn.Module):
         )
         state = load_file(str(directory / WEIGHTS_FILE))
         projection.load_state_dict(state)
+        return projection
+
+    @classmethod
+    def from_llava_checkpoint(cls, path: str | os.PathLike, dropout: float = 0.0) -> Projection:
+        """LLaVA's projector from a LLaVA checkpoint (a Hugging Face model folder, sharded or not, or
+        one .safetensors file): the tensors named ...multi_modal_projector.linear_{1,2}.{weight,bias}
+        -> a ``mlp2x_gelu`` projection. Only those tensors are read, not the 7B model around them."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"LLaVA checkpoint not found: {path} is neither a .safetensors file nor a "
+                                    f"folder holding them")
+        wanted = [f"linear_{i}.{name}" for i in (1, 2) for name in ("weight", "bias")]
+        state = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as tensors:
+                for key in tensors.keys():
+                    head, _, tail = key.rpartition("multi_modal_projector.")
+                    if _ and tail in wanted:
+                        state[tail] = tensors.get_tensor(key)
+        missing = [name for name in wanted if name not in state]
+        if missing:
+            raise KeyError(f"{path}: no multi_modal_projector tensors {missing}; is it a LLaVA checkpoint?")
+        d_lm, d_enc = state["linear_1.weight"].shape
+        if tuple(state["linear_2.weight"].shape) != (d_lm, d_lm):
+            raise ValueError(f"{path}: linear_2.weight is {tuple(state['linear_2.weight'].shape)}, not [{d_lm}, {d_lm}]")
+        projection = cls(d_enc, d_lm, kind="mlp2x_gelu", dropout=dropout)
+        projection.linear.load_state_dict({"weight": state["linear_1.weight"], "bias": state["linear_1.bias"]})
+        projection.linear_2.load_state_dict({"weight": state["linear_2.weight"], "bias": state["linear_2.bias"]})
         return projection
 
     @classmethod

@@ -39,7 +39,7 @@ from mmn.files import looks_like_local_path, write_json, write_parquet
 from mmn.models.captioner import Captioner, check_widths
 from mmn.models.encoders import CONFIG_FILES, load_encoder
 from mmn.models.lm import LanguageModel
-from mmn.models.projection import Projection
+from mmn.models.projection import CONFIG_FILE, Projection
 from mmn.models.targets import get_finder
 from mmn.recipes.loggers import finish, log_results, make_loggers
 
@@ -225,14 +225,17 @@ def latest_analysis(cfg: DictConfig) -> Path:
 
 
 def load_projection(projection: DictConfig, d_enc: int, d_lm: int) -> Projection:
-    """A saved projection (folder), LiMBeR's `proj.ckpt`, or a fresh one when `checkpoint` is null."""
+    """A saved projection (a folder with projection.json), LLaVA's projector (a LLaVA checkpoint
+    folder or .safetensors file), LiMBeR's `proj.ckpt`, or a fresh one when `checkpoint` is null."""
     if projection.checkpoint is None:
         return Projection(d_enc, d_lm, kind=projection.kind, n_out_tokens=projection.n_out_tokens,
                           dropout=projection.dropout, max_norm=projection.get("max_norm"))
     path = Path(projection.checkpoint)
-    if path.is_file():
-        return Projection.from_limber_checkpoint(path, dropout=projection.dropout)
-    return Projection.load(path)
+    if (path / CONFIG_FILE).is_file():
+        return Projection.load(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return Projection.from_llava_checkpoint(path, dropout=projection.dropout)
+    return Projection.from_limber_checkpoint(path, dropout=projection.dropout)
 
 
 def load_captioner(cfg: DictConfig, device: str = "cpu") -> Captioner:
