@@ -51,11 +51,10 @@ def offline_run_environment(run_dir: str | Path) -> None:
 
 def register_resolvers() -> None:
     """The resolvers conf/ uses, and the Shapes world's defaults as the config node `world/builder`,
-    which conf/world/shapes.yaml extends: the builder (mmn.world.build.DEFAULT_WORLD, from its parts'
-    dataclasses) is the one place they are written."""
+    which conf/world/shapes.yaml extends (mmn.world.settings is the one place they are written)."""
     from hydra.core.config_store import ConfigStore
 
-    from mmn.world.build import DEFAULT_WORLD
+    from mmn.world.settings import DEFAULT_WORLD
 
     OmegaConf.register_new_resolver("mmn.digest", digest, replace=True)
     OmegaConf.register_new_resolver("mmn.root", lambda: str(CONFIG_DIR.parent), replace=True)

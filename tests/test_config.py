@@ -51,7 +51,7 @@ def test_world_folder_is_keyed_by_its_configuration():
 def test_the_world_config_is_the_builders_defaults():
     import json
 
-    from mmn.world.build import DEFAULT_WORLD
+    from mmn.world.settings import DEFAULT_WORLD
 
     world = OmegaConf.to_container(compose().world, resolve=True)
     del world["dir"], world["shipped"]

@@ -36,10 +36,11 @@ class CardUnit:
     score_map: Tensor         # [grid_h, grid_w]: its attribution score at each image patch
 
 
-def heat_tile(image: Image.Image, activation_map: Tensor) -> Image.Image:
-    """The image (squash-resized to TILE x TILE) under the map, min-max scaled, as a half-opaque
-    inferno heatmap. A flat map (a unit that does not respond) shows the image dimmed."""
-    upsampled = upsample_map(activation_map, (TILE, TILE)).numpy()  # [TILE, TILE]
+def heat_tile(image: Image.Image, values: Tensor) -> Image.Image:
+    """The image (squash-resized to TILE x TILE) under a map over its patch grid ([grid_h, grid_w]:
+    activations or scores), min-max scaled, as a half-opaque inferno heatmap. A flat map (a unit
+    that does not respond) shows the image dimmed."""
+    upsampled = upsample_map(values, (TILE, TILE)).numpy()  # [TILE, TILE]
     span = upsampled.max() - upsampled.min()
     scaled = (upsampled - upsampled.min()) / span if span > 0 else np.zeros_like(upsampled)
     heat = (COLORMAP(scaled)[..., :3] * 255).astype(np.float32)  # [TILE, TILE, 3]

@@ -43,10 +43,11 @@ import torch
 
 from mmn.files import write_text
 from mmn.world import generator
-from mmn.world.clip import ClipConfig, train_clip
-from mmn.world.image_encoder import EncoderConfig, train_image_encoder
+from mmn.world.clip import train_clip
+from mmn.world.image_encoder import train_image_encoder
 from mmn.world.probes import encoder_probes
-from mmn.world.text_lm import TextLMConfig, train_text_lm
+from mmn.world.settings import DEFAULT_WORLD, ClipConfig, EncoderConfig, TextLMConfig
+from mmn.world.text_lm import train_text_lm
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +63,6 @@ MIN_CONTEXT_COPY = 0.3    # below this the LM barely reads its context (docs/sha
 
 SECTIONS = {"lm": TextLMConfig, "encoder": EncoderConfig, "clip": ClipConfig}
 
-# The default world, the one place its settings are written (conf/world/shapes.yaml extends it as
-# the config node world/builder; `python train.py world.lm.steps=2000` overrides one).
-DEFAULT_WORLD: dict[str, Any] = {
-    "seed": 0,
-    # SceneConfig overrides (generator.SceneConfig fields), merged into its defaults. size_scale:
-    # objects 1.5x the radius of world 1's: first-noun accuracy 0.77-0.78 on seeds 0-2 and fp32
-    # (world 1: 0.39-0.56), receptive-field IoU 0.49-0.51 (0.25-0.39); docs/shapes_world_2.md, section 7
-    "scenes": {"size_scale": 1.5},
-    "n_train": 3000,    # training pairs written as webdataset shards (for the projection)
-    "n_eval": 500,      # COCO-style evaluation images
-    "lm": asdict(TextLMConfig()),
-    "encoder": asdict(EncoderConfig()),
-    "clip": asdict(ClipConfig()),
-}
 
 
 def _plain(cfg: Any) -> Any:

@@ -21,7 +21,7 @@ import json
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -35,38 +35,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from mmn.world.optimise import epoch_batches, fit
+from mmn.world.settings import ClipConfig
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
-
-
-@dataclass
-class ClipConfig:
-    """Sizes and training budget of the world's CLIP (the `clip` section of the world config)."""
-
-    n_pairs: int = 3000          # image-caption pairs build_world renders for training
-    n_eval_pairs: int = 500      # held-out pairs for retrieval accuracy
-    embed_dim: int = 128
-    image_size: int = 64         # a multiple of 32 for the ResNet tower
-    # A list: open_clip's ModifiedResNet, one residual stage per entry (RN50 is [3, 4, 6, 3]), of
-    # base width vision_width. An int: a ViT of that many layers, width vision_width, patch_size.
-    # The ResNet tells shapes apart where the ViT of the same budget does not (shape-swap 0.89
-    # against 0.62-0.65; docs/shapes_world_2.md, section 9).
-    vision_layers: int | list[int] = field(default_factory=lambda: [1, 1, 1, 1])
-    vision_width: int = 16
-    vision_head_width: int = 32  # ViT: width / head_width heads; ResNet: 32 * width / head_width in its attention pool
-    patch_size: int = 16         # ViT only
-    context_length: int = 32
-    vocab_size: int = 49408      # open_clip's SimpleTokenizer
-    text_width: int = 128
-    text_heads: int = 4
-    text_layers: int = 3
-    batch_size: int = 64
-    steps: int = 440
-    lr: float = 1e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    retrieval_pool: int = 100    # retrieval is scored among this many held-out pairs at a time
 
 
 def open_clip_config(cfg: ClipConfig) -> dict:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import mmn  # noqa: F401  (torchvision shim before transformers)
@@ -53,6 +53,7 @@ from scipy import ndimage
 from transformers import BeitConfig, BeitImageProcessor, BeitModel
 
 from mmn.world.optimise import epoch_batches, fit
+from mmn.world.settings import EncoderConfig
 
 PIXEL_MEAN = (0.5, 0.5, 0.5)  # what the saved processor normalises with; training uses the same
 PIXEL_STD = (0.5, 0.5, 0.5)
@@ -62,30 +63,6 @@ MIN_OBJECT_PIXELS = 30    # smaller components are specks, not objects (the smal
 PATCH_COVER = 0.3         # a patch takes an object's token when the object covers at least this share of it
 BACKGROUND_WEIGHT = 0.1   # loss weight of background patches (about 80% of patches, and easy)
 TOKENIZER_FIT_IMAGES = 1500  # k-means of a dozen outline clusters needs a few thousand objects, not every image's
-
-
-@dataclass
-class EncoderConfig:
-    """Sizes and training budget of the world's encoder (the `encoder` section of the world config)."""
-
-    n_images: int = 6000        # images build_world renders for pre-training (no captions used)
-    n_eval_images: int = 500    # held-out images for the token-prediction metrics
-    image_size: int = 224
-    patch_size: int = 16
-    hidden_size: int = 64
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    intermediate_size: int = 256
-    layer_scale_init_value: float = 1.0
-    position_bias_slopes: tuple[float, ...] = (2.0, 1.0, 0.5, 0.0)  # per head; () = zeros (BEiT's init)
-    outline_tokens: int = 12    # k-means clusters of object outlines (the world has 8 shapes; more clusters stay pure)
-    outline_pixels: int = 12    # an outline is described as its silhouette area-resized to 12 x 12
-    batch_size: int = 16
-    steps: int = 1500
-    lr: float = 8e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.05
-    bf16: bool = True           # bf16 autocast where the CPU has native bf16 (avx512_bf16), else fp32
 
 
 def beit_config(cfg: EncoderConfig) -> BeitConfig:

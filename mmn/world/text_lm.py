@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -36,33 +36,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import GPT2Tokenizer, GPTJConfig, GPTJForCausalLM
 
 from mmn.world.optimise import fit
+from mmn.world.settings import TextLMConfig
 
 END_OF_TEXT = "<|endoftext|>"
 GREEDY_PROMPTS = ("A picture of", "A picture of a red", "A picture of two")  # reported after training
-
-
-@dataclass
-class TextLMConfig:
-    """Sizes and training budget of the world's LM (the `lm` section of the world config)."""
-
-    n_texts: int = 40000          # corpus captions build_world draws for training (text only)
-    n_eval_texts: int = 1000      # held-out captions (disjoint seed) for perplexity
-    vocab_size: int = 1024        # BPE target size; the world's ~60-word corpus saturates at ~450 tokens
-                                  # (256 bytes + merges: BPE merges stop inside words)
-    pad_vocab_to: int = 64        # unembedding rows rounded up to a multiple of this, like GPT-J
-    n_layer: int = 4
-    n_embd: int = 128
-    n_head: int = 4
-    rotary_dim: int = 16
-    n_inner: int = 512
-    n_positions: int = 320        # room for 196 image prompts + prompt + a long caption
-    seq_len: int = 256            # tokens per training window
-    batch_size: int = 8
-    steps: int = 1000  # in-context copying (what lets image prompts steer the LM): 56%; 69% after 2000 steps,
-    #                    yet a worse captioner there (first-noun accuracy 0.52 against 0.65; docs/shapes_world_2.md)
-    lr: float = 6e-3  # at 3e-3 copying emerged within 1000 steps on some machines only (docs/shapes_world_2.md)
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024) -> GPT2Tokenizer:

@@ -1,0 +1,105 @@
+"""The Shapes world's settings, written once: the sizes and training budgets of its three frozen
+parts (one dataclass each, every field commented) and the default world built from them.
+
+Kept apart from the modules that train the parts (text_lm.py, image_encoder.py, clip.py, which
+import transformers and open_clip), so that reading the defaults costs nothing: mmn.config hands
+DEFAULT_WORLD to Hydra as the config node world/builder, which conf/world/shapes.yaml extends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TextLMConfig:
+    """Sizes and training budget of the world's LM (the `lm` section of the world config)."""
+
+    n_texts: int = 40000          # corpus captions build_world draws for training (text only)
+    n_eval_texts: int = 1000      # held-out captions (disjoint seed) for perplexity
+    vocab_size: int = 1024        # BPE target size; the world's ~60-word corpus saturates at ~450 tokens
+                                  # (256 bytes + merges: BPE merges stop inside words)
+    pad_vocab_to: int = 64        # unembedding rows rounded up to a multiple of this, like GPT-J
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    rotary_dim: int = 16
+    n_inner: int = 512
+    n_positions: int = 320        # room for 196 image prompts + prompt + a long caption
+    seq_len: int = 256            # tokens per training window
+    batch_size: int = 8
+    steps: int = 1000  # in-context copying (what lets image prompts steer the LM): 56%; 69% after 2000 steps,
+    #                    yet a worse captioner there (first-noun accuracy 0.52 against 0.65; docs/shapes_world_2.md)
+    lr: float = 6e-3  # at 3e-3 copying emerged within 1000 steps on some machines only (docs/shapes_world_2.md)
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+
+
+@dataclass
+class EncoderConfig:
+    """Sizes and training budget of the world's encoder (the `encoder` section of the world config)."""
+
+    n_images: int = 6000        # images build_world renders for pre-training (no captions used)
+    n_eval_images: int = 500    # held-out images for the token-prediction metrics
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    layer_scale_init_value: float = 1.0
+    position_bias_slopes: tuple[float, ...] = (2.0, 1.0, 0.5, 0.0)  # per head; () = zeros (BEiT's init)
+    outline_tokens: int = 12    # k-means clusters of object outlines (the world has 8 shapes; more clusters stay pure)
+    outline_pixels: int = 12    # an outline is described as its silhouette area-resized to 12 x 12
+    batch_size: int = 16
+    steps: int = 1500
+    lr: float = 8e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    bf16: bool = True           # bf16 autocast where the CPU has native bf16 (avx512_bf16), else fp32
+
+
+@dataclass
+class ClipConfig:
+    """Sizes and training budget of the world's CLIP (the `clip` section of the world config)."""
+
+    n_pairs: int = 3000          # image-caption pairs build_world renders for training
+    n_eval_pairs: int = 500      # held-out pairs for retrieval accuracy
+    embed_dim: int = 128
+    image_size: int = 64         # a multiple of 32 for the ResNet tower
+    # A list: open_clip's ModifiedResNet, one residual stage per entry (RN50 is [3, 4, 6, 3]), of
+    # base width vision_width. An int: a ViT of that many layers, width vision_width, patch_size.
+    # The ResNet tells shapes apart where the ViT of the same budget does not (shape-swap 0.89
+    # against 0.62-0.65; docs/shapes_world_2.md, section 9).
+    vision_layers: int | list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    vision_width: int = 16
+    vision_head_width: int = 32  # ViT: width / head_width heads; ResNet: 32 * width / head_width in its attention pool
+    patch_size: int = 16         # ViT only
+    context_length: int = 32
+    vocab_size: int = 49408      # open_clip's SimpleTokenizer
+    text_width: int = 128
+    text_heads: int = 4
+    text_layers: int = 3
+    batch_size: int = 64
+    steps: int = 440
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    retrieval_pool: int = 100    # retrieval is scored among this many held-out pairs at a time
+
+
+# The default world (conf/world/shapes.yaml extends it as
+# the config node world/builder; `python train.py world.lm.steps=2000` overrides one).
+DEFAULT_WORLD: dict[str, Any] = {
+    "seed": 0,
+    # SceneConfig overrides (generator.SceneConfig fields), merged into its defaults. size_scale:
+    # objects 1.5x the radius of world 1's: first-noun accuracy 0.77-0.78 on seeds 0-2 and fp32
+    # (world 1: 0.39-0.56), receptive-field IoU 0.49-0.51 (0.25-0.39); docs/shapes_world_2.md, section 7
+    "scenes": {"size_scale": 1.5},
+    "n_train": 3000,    # training pairs written as webdataset shards (for the projection)
+    "n_eval": 500,      # COCO-style evaluation images
+    "lm": asdict(TextLMConfig()),
+    "encoder": asdict(EncoderConfig()),
+    "clip": asdict(ClipConfig()),
+}
