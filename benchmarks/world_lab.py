@@ -2,7 +2,7 @@
 and measure what causes what, in one command.
 
     python benchmarks/world_lab.py                               # the default world
-    python benchmarks/world_lab.py training.max_steps=300 +world.scenes.glyph_shift=true
+    python benchmarks/world_lab.py training.max_steps=600 world.scenes.glyph_shift=false
 
 For the configured world (built and cached if missing) it prints and appends to
 outputs/world_lab/log.jsonl:

@@ -243,13 +243,13 @@ def test_glyph_shift_draws_each_colours_shapes_in_a_rotated_order():
     assert np.array_equal(np.asarray(render(green_circle, 100)[0]), np.asarray(render(green_square, 100)[0]))
 
 
-def test_leftmost_first_captions_name_the_leftmost_object_first():
-    cfg = SceneConfig(image_size=64, leftmost_first=True)
+def test_left_to_right_captions_name_the_leftmost_object_first():
+    cfg = SceneConfig(image_size=64, order="left_to_right")
     for index in range(60):
         scene, rng = scene_at(4, "train", index, cfg)
         leftmost = min(scene.objects, key=lambda o: o.center[0])
         same_shape_at_left = {o.shape for o in scene.objects if o.center[0] == leftmost.center[0]}
-        caption = describe(scene, rng, leftmost_first=True)
+        caption = describe(scene, rng, order="left_to_right")
         assert first_shape(caption) in same_shape_at_left, (caption, scene.objects)
     # without it the first noun is some object, not always the leftmost
     misses = sum(first_shape(describe(s, r)) != min(s.objects, key=lambda o: o.center[0]).shape
@@ -273,3 +273,51 @@ def test_size_scale_scales_every_radius_and_must_fit():
         SceneConfig(size_scale=4.0)  # radius 0.54: larger than half the image
     with pytest.raises(ValueError, match="size_scale"):
         SceneConfig(size_scale=0)
+
+
+def test_grid_text_shows_each_cell_as_the_encoders_patches_see_it():
+    cfg = SceneConfig(image_size=112, size_scale=1.5, glyph_shift=True, order="reading", text_grid=7)
+    scene, rng = scene_at(3, "text", 5, cfg)
+    tokens = re.findall(r"<[^>]+>", g.grid_text(scene, 7))
+    assert len(tokens) == 49 and set(tokens) <= set(g.grid_tokens())
+    # each object's token names what is drawn (glyph) and its colour, and sits on the cells its
+    # mask covers at least GRID_COVER of, rendered at the image's size
+    _, masks = render(scene, 112)
+    for obj, mask in zip(scene.objects, masks):
+        token = g.object_token(obj.glyph, obj.colour)
+        cover = mask.reshape(7, 16, 7, 16).mean(axis=(1, 3)).reshape(-1)
+        cells = {i for i, t in enumerate(tokens) if t == token}
+        assert {i for i in range(49) if cover[i] >= 0.5} <= cells <= {i for i in range(49) if cover[i] > 0.1}
+    assert {i for i, t in enumerate(tokens) if t == g.GRID_BACKGROUND} >= {
+        i for i in range(49) if all(m.reshape(7, 16, 7, 16).mean(axis=(1, 3)).reshape(-1)[i] < 0.1 for m in masks)}
+
+
+def test_reading_order_captions_name_the_first_object_a_raster_scan_meets():
+    cfg = SceneConfig(image_size=64, order="reading", text_grid=8)
+    for index in range(60):
+        scene, rng = scene_at(4, "train", index, cfg)
+        owners = g.object_grid(scene, 8)
+        first = scene.objects[owners[owners >= 0][0]] if (owners >= 0).any() else None
+        caption = describe(scene, rng, order="reading", grid=8)
+        if first is not None:
+            assert first_shape(caption) == first.shape, (caption, scene.objects)
+    with pytest.raises(ValueError, match="text_grid"):
+        SceneConfig(order="reading")
+    with pytest.raises(ValueError, match="order"):
+        SceneConfig(order="top_down")
+
+
+def test_grid_documents_show_the_grid_then_describe_the_scene_in_shape_words():
+    cfg = SceneConfig(size_scale=1.5, glyph_shift=True, order="reading", text_grid=14, text_prefix_prob=0.5)
+    documents = text_corpus(60, 0, cfg)
+    assert documents == text_corpus(60, 0, cfg)
+    for index, document in enumerate(documents):
+        scene, _ = scene_at(0, "text", index, cfg)
+        grid = g.grid_text(scene, 14)
+        assert document.startswith(grid)
+        description = document[len(grid):]
+        assert description.startswith(" ") or description.split()[0] in {p.split()[0] for p in g.TEXT_PREFIXES}
+        assert "<" not in description
+        assert first_shape(description) == g.reading_order(scene, 14)[0].shape  # the name, not the glyph
+    # some documents continue the grid with the captioning prompt, as the captioner will
+    assert sum(d[d.rindex(">") + 1:].startswith("A picture of") for d in documents) >= 3

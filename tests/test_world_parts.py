@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import mmn  # noqa: F401  (torchvision shim first)
 import numpy as np
@@ -63,6 +64,29 @@ def test_text_lm_trains_saves_and_loads_like_gptj(tmp_path):
     assert lm.vocab_size == len(tokenizer)
 
 
+def test_grid_words_are_whole_tokens_whose_embeddings_stay_glyph_plus_colour(tmp_path):
+    from transformers import AutoTokenizer, GPTJForCausalLM
+
+    scenes = generator.SceneConfig(image_size=64, glyph_shift=True, order="reading", text_grid=4)
+    words = generator.grid_tokens()
+    cfg = TextLMConfig(**{**TINY_LM, "steps": 20})
+    train_text_lm(generator.text_corpus(300, 0, scenes), generator.text_corpus(50, 1, scenes), tmp_path, cfg,
+                  progress=False, words=words)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    document = generator.text_corpus(1, 2, scenes)[0]
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(document)["input_ids"])
+    assert tokens[:16] == re.findall(r"<[^>]+>", document)[:16]  # the grid: one token per cell
+    embedding = GPTJForCausalLM.from_pretrained(tmp_path).get_input_embeddings().weight.detach()
+    def row(glyph, colour):
+        return embedding[tokenizer.convert_tokens_to_ids(generator.object_token(glyph, colour))]
+    # trained for 20 steps, every object token is still glyph + colour: differences of colours
+    # are the same whatever the glyph (the LM must compute the shape from them)
+    red_minus_blue = row("circle", "red") - row("circle", "blue")
+    for glyph in generator.SHAPES[1:]:
+        assert torch.allclose(row(glyph, "red") - row(glyph, "blue"), red_minus_blue, atol=1e-6)
+    assert red_minus_blue.norm() > 0.1
+
+
 def test_object_tokenizer_finds_objects_and_ignores_colour_position_and_scale():
     image = np.full((1, 64, 64, 3), 240, np.uint8)  # light background
     image[0, 2:14, 18:30] = (220, 30, 30)           # a red square filling most of patch (0, 1)
@@ -85,14 +109,14 @@ def test_object_tokens_separate_the_worlds_shapes_without_labels():
     cfg = EncoderConfig()
     images, _ = generator.render_batch(0, 150)
     outline = tokenize(ObjectTokenizer.fit(torch.from_numpy(images), cfg, torch.Generator().manual_seed(0)),
-                       torch.from_numpy(images))  # [150, 196]
+                       torch.from_numpy(images))  # [150, n_patch]
     shapes_of_token: dict[int, set[str]] = {}
     for index in range(150):
         scene, _ = generator.scene_at(0, "batch", index)
         masks = generator.render(scene, 224)[1]
         for obj, mask in zip(scene.objects, masks):
             covered = torch.from_numpy(mask).float()[None, None]
-            share = torch.nn.functional.avg_pool2d(covered, 16).flatten()  # [196]
+            share = torch.nn.functional.avg_pool2d(covered, cfg.patch_size).flatten()  # [n_patch]
             for token in outline[index][(share >= 0.5) & (outline[index] < cfg.outline_tokens)].tolist():
                 shapes_of_token.setdefault(token, set()).add(obj.shape)
     assert all(len(shapes) == 1 for shapes in shapes_of_token.values()), shapes_of_token
@@ -104,7 +128,7 @@ def test_kmeans_and_position_bias():
     centroids = kmeans(points, 2, torch.Generator().manual_seed(0))
     assert sorted(centroids.round().tolist()) == [[0.0, 5.0], [5.0, 0.0]]
 
-    cfg = EncoderConfig(image_size=64, hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    cfg = EncoderConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=1, intermediate_size=64)
     model = TokenPredictionModel(cfg)
     table = model.encoder.shared_position_bias.relative_position_bias_table  # [7 * 7 + 3, heads]
     center = 3 * 7 + 3  # relative offset (0, 0)
@@ -181,7 +205,7 @@ def test_clip_trains_and_loads_through_open_clip_local_dir(tmp_path, vision_laye
 
 TINY_WORLD = {
     "seed": 0,
-    "scenes": {"image_size": 64},
+    "scenes": {"image_size": 64, "text_grid": 4},
     "n_train": 12,
     "n_eval": 6,
     "lm": {**TINY_LM, "n_texts": 400, "n_eval_texts": 50, "steps": 5},
@@ -240,7 +264,7 @@ def test_shipped_parts_are_copied_only_for_their_own_key_and_hashes(tmp_path, ca
     clip_changed = {**TINY_WORLD, "clip": {**TINY_CLIP, "steps": 5}}
     assert build_world(clip_changed, tmp_path / "clip", shipped=shipped)["sources"] == {
         "lm": "shipped", "encoder": "shipped", "clip": "trained"}
-    scenes_changed = {**TINY_WORLD, "scenes": {"image_size": 64, "size_scale": 1.2}}
+    scenes_changed = {**TINY_WORLD, "scenes": {"image_size": 64, "text_grid": 4, "size_scale": 1.2}}
     assert set(build_world(scenes_changed, tmp_path / "scenes", shipped=shipped)["sources"].values()) == {"trained"}
 
     # a shipped file that fails its hash is not used
@@ -276,6 +300,9 @@ def test_world_config_errors_name_the_key(tmp_path):
 
 
 def test_scene_overrides_merge_into_the_default_scenes():
-    assert resolve_world_config({})["scenes"] == {"size_scale": 1.5}
-    assert resolve_world_config({"scenes": {"leftmost_first": True}})["scenes"] == {"size_scale": 1.5, "leftmost_first": True}
-    assert resolve_world_config({"scenes": {"size_scale": 1.0}})["scenes"] == {"size_scale": 1.0}
+    defaults = resolve_world_config({})["scenes"]
+    assert defaults["size_scale"] == 1.5 and defaults["glyph_shift"] and defaults["text_grid"] == 7
+    assert resolve_world_config({"scenes": {"order": "left_to_right"}})["scenes"] == {**defaults, "order": "left_to_right"}
+    assert resolve_world_config({"scenes": {"size_scale": 1.0}})["scenes"] == {**defaults, "size_scale": 1.0}
+    with pytest.raises(ValueError, match="text_grid=5 must be the encoder's patch grid"):
+        resolve_world_config({"scenes": {"text_grid": 5}})

@@ -106,6 +106,10 @@ def resolve_world_config(cfg: Mapping | None = None) -> dict:
     if scene_size != resolved["encoder"]["image_size"]:
         raise ValueError(f"world config scenes.image_size ({scene_size}) and encoder.image_size "
                          f"({resolved['encoder']['image_size']}) must agree")
+    text_grid, encoder = resolved["scenes"].get("text_grid", 0), resolved["encoder"]
+    if text_grid and text_grid != encoder["image_size"] // encoder["patch_size"]:
+        raise ValueError(f"world config scenes.text_grid={text_grid} must be the encoder's patch grid, "
+                         f"encoder.image_size / encoder.patch_size = {encoder['image_size'] // encoder['patch_size']}")
     return _plain(resolved)
 
 
@@ -249,10 +253,11 @@ def build_world(cfg: Mapping | None = None, out_dir: str | Path = "world", force
         train_texts = generator.text_corpus(lm_cfg.n_texts, seed, scenes)
         eval_texts = generator.text_corpus(lm_cfg.n_eval_texts, held_out_seed, scenes)
         clock = stage("lm_corpus", clock)
-        metrics["lm"] = train_text_lm(train_texts, eval_texts, out_dir / "lm", lm_cfg, seed=seed)
+        metrics["lm"] = train_text_lm(train_texts, eval_texts, out_dir / "lm", lm_cfg, seed=seed,
+                                      words=generator.grid_tokens() if scenes.text_grid else ())
         clock = stage("lm", clock)
     if metrics["lm"]["context_copy_accuracy"] < MIN_CONTEXT_COPY:
-        log.warning("Shapes world: the LM continues '<a description>. A picture of' with its first shape only "
+        log.warning("Shapes world: the LM continues '<a scene>. A picture of' with its first shape only "
                     "%.0f%% of the time (1 in 8 when it ignores its context): image prompts will hardly steer it. "
                     "More lm.steps or a higher lm.lr bring in-context copying forward (docs/shapes_world_2.md, "
                     "section 10)", 100 * metrics["lm"]["context_copy_accuracy"])
@@ -308,7 +313,7 @@ def world_summary(info: Mapping) -> str:
         f"  LM (GPT-J, text only): held-out perplexity {lm['eval_perplexity']:.2f} "
         f"(untrained {lm['eval_perplexity_untrained']:.0f}; {lm['n_tokens_real']} real tokens, "
         f"{lm['n_unembedding_rows']} unembedding rows), trained on {lm['tokens_seen']:,} tokens",
-        f"        reads its context: '<a scene>. A picture of' names that scene's first shape "
+        f"        reads its context: '<a scene (words or grid)>. A picture of' names its first shape "
         f"{lm['context_copy_accuracy']:.0%} of the time (an LM that ignores context: about 1 in 8)",
     ]
     lines += [f"        greedy: {prompt!r} -> {continuation!r}" for prompt, continuation in lm["greedy"].items()]

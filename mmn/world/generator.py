@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import tarfile
 import time
 from collections import Counter
@@ -77,6 +78,19 @@ TEXT_PREFIXES: tuple[str, ...] = ("A picture of", "An image of", "A photo of", "
 
 NUMBER_WORDS = {2: "two", 3: "three"}
 
+# Which object a caption names first (SceneConfig.order): any of them; the leftmost; or the first
+# that a raster scan of the scene's grid meets, top row first, as the image prompts reach the LM.
+ORDERS: tuple[str, ...] = ("any", "left_to_right", "reading")
+
+# The grid text (SceneConfig.text_grid): a scene written as its image prompts reach the LM, one
+# token per grid cell in raster order, "<bg>" for background and, for a cell an object covers,
+# that object's token "<gIcJ>": glyph I (the outline drawn, index in SHAPES) in colour J (index in
+# COLOURS). A cell belongs to the object that covers the largest share of it, if >= GRID_COVER.
+GRID_BACKGROUND = "<bg>"
+GRID_COVER = 0.3
+OBJECT_TOKEN = re.compile(r"<g(\d+)c(\d+)>")
+GLOSSARY_ENTRY = re.compile(r"<g\d+c\d+> [a-z]+\.")  # "<g2c2> circle." (SceneConfig.grid_glossary)
+
 
 @dataclass
 class SceneConfig:
@@ -97,7 +111,10 @@ class SceneConfig:
     descriptions_per_text: tuple[float, ...] = (0.3, 0.5, 0.2)  # chances that a text describes its scene 1, 2, 3 times
     jpeg_quality: int = 95
     glyph_shift: bool = False       # each colour draws the shapes shifted along SHAPES (see `glyph_of`)
-    leftmost_first: bool = False    # captions name the objects from left to right (see `describe`)
+    order: str = "any"              # which object a caption names first: any, left_to_right, reading (`describe`)
+    text_grid: int = 0              # > 0: the LM's texts show each scene as a grid of object tokens (`grid_text`)
+    grid_objects_only: float = 0.0  # share of those grids written without their background cells (`text_corpus`)
+    grid_glossary: float = 0.0      # share of texts that name each object token's shape (`text_corpus`)
     size_scale: float = 1.0         # multiplies every radius of SIZES (1.5: objects cover 2.25x the pixels)
 
     def __post_init__(self) -> None:
@@ -120,6 +137,12 @@ class SceneConfig:
                              f"{max(SIZES.values())} x size_scale, plus the margin) must fit in the image")
         if self.image_size < 16:
             raise ValueError(f"SceneConfig.image_size={self.image_size} is too small (>= 16)")
+        if self.order not in ORDERS:
+            raise ValueError(f"SceneConfig.order={self.order!r}; known: {list(ORDERS)}")
+        if self.order == "reading" and self.text_grid < 1:
+            raise ValueError("SceneConfig.order='reading' reads the scene on its grid: set text_grid >= 1")
+        if self.text_grid < 0:
+            raise ValueError(f"SceneConfig.text_grid={self.text_grid} must be >= 0")
 
 
 def scene_config(cfg: SceneConfig | Mapping[str, Any] | None = None) -> SceneConfig:
@@ -291,23 +314,28 @@ def render_background(background: Background, image_size: int) -> np.ndarray:
 
 
 def render(scene: Scene, image_size: int = 224) -> tuple[Image.Image, list[np.ndarray]]:
-    """The RGB image and one bool mask [H, W] per object, in the scene's order.
-
-    Objects are painted in order, so a later object covers an earlier one; each mask is the
-    pixels painted by its object and not covered by a later one, hence pixel-exact."""
+    """The RGB image and one bool mask [H, W] per object, in the scene's order (`object_masks`)."""
     image = Image.fromarray(render_background(scene.background, image_size), "RGB")
     draw = ImageDraw.Draw(image)
-    masks = []
     for obj in scene.objects:
         _draw_shape(draw, obj, image_size, COLOURS[obj.colour])
+    return image, object_masks(scene, image_size)
+
+
+def object_masks(scene: Scene, image_size: int) -> list[np.ndarray]:
+    """One bool mask [H, W] per object. Objects are painted in order, so a later object covers an
+    earlier one; each object is drawn a second time into its own "L" image with the same
+    rasteriser, and its mask is what it painted minus what a later object covers: pixel-exact."""
+    masks = []
+    for obj in scene.objects:
         mask_image = Image.new("L", (image_size, image_size), 0)
-        _draw_shape(ImageDraw.Draw(mask_image), obj, image_size, 255)  # same rasteriser, same pixels
+        _draw_shape(ImageDraw.Draw(mask_image), obj, image_size, 255)
         masks.append(np.asarray(mask_image) > 0)
     covered = np.zeros((image_size, image_size), dtype=bool)
     for i in reversed(range(len(masks))):
         masks[i] = masks[i] & ~covered
         covered |= masks[i]
-    return image, masks
+    return masks
 
 
 def render_batch(seed: int, n: int, cfg: SceneConfig | Mapping | None = None) -> tuple[np.ndarray, list[str]]:
@@ -320,8 +348,47 @@ def render_batch(seed: int, n: int, cfg: SceneConfig | Mapping | None = None) ->
         scene, rng = scene_at(seed, "batch", i, cfg)
         image, _ = render(scene, cfg.image_size)
         images[i] = np.asarray(image)
-        captions.append(describe(scene, rng, cfg.leftmost_first))
+        captions.append(describe(scene, rng, cfg.order, cfg.text_grid))
     return images, captions
+
+
+# ----------------------------------------------------------------------------- grid text
+
+def object_token(glyph: str, colour: str) -> str:
+    """The grid text's token for an object drawn as `glyph` in `colour`: "<g2c1>" (triangle, green)."""
+    return f"<g{SHAPES.index(glyph)}c{list(COLOURS).index(colour)}>"
+
+
+def grid_tokens() -> list[str]:
+    """Every token a grid text uses: background, then each (glyph, colour) pair."""
+    return [GRID_BACKGROUND] + [object_token(glyph, colour) for glyph in SHAPES for colour in COLOURS]
+
+
+def object_grid(scene: Scene, grid: int) -> np.ndarray:
+    """The object each cell of a grid x grid raster of the scene belongs to, -1 for background:
+    int [grid * grid], cells in raster order (the order of the encoder's patches)."""
+    cell = 4  # pixels per cell: enough to measure cover, cheap enough for the LM's 40,000 texts
+    masks = object_masks(scene, grid * cell)
+    cover = np.stack([m.reshape(grid, cell, grid, cell).mean(axis=(1, 3)).reshape(-1) for m in masks])  # [n_obj, n_cell]
+    owner = cover.argmax(axis=0)
+    return np.where(cover.max(axis=0) >= GRID_COVER, owner, -1)
+
+
+def grid_text(scene: Scene, grid: int) -> str:
+    """The scene as a grid text: grid * grid tokens, no separators ("<bg><bg><g2c1><g2c1>...")."""
+    tokens = [object_token(o.glyph or o.shape, o.colour) for o in scene.objects]
+    return "".join(GRID_BACKGROUND if owner < 0 else tokens[owner] for owner in object_grid(scene, grid))
+
+
+def reading_order(scene: Scene, grid: int) -> list[WorldObject]:
+    """The scene's objects in the order a raster scan of its grid meets them (an object that owns no
+    cell counts from the cell of its centre)."""
+    owners = object_grid(scene, grid)
+    def first_cell(index: int) -> int:
+        cells = np.flatnonzero(owners == index)
+        x, y = scene.objects[index].center
+        return int(cells[0]) if len(cells) else min(int(y * grid), grid - 1) * grid + min(int(x * grid), grid - 1)
+    return [scene.objects[i] for i in sorted(range(len(scene.objects)), key=first_cell)]
 
 
 # ----------------------------------------------------------------------------- captions
@@ -374,13 +441,16 @@ def _position(obj: WorldObject) -> str:
     return "in the middle"
 
 
-def describe(scene: Scene, rng: np.random.Generator, leftmost_first: bool = False) -> str:
+def describe(scene: Scene, rng: np.random.Generator, order: str = "any", grid: int = 0) -> str:
     """A template caption. Its first noun is the shape of an object in the scene: any of them, or,
-    with leftmost_first, the leftmost one (every caption then lists its objects left to right, so
-    the first noun is not a guess between the objects)."""
+    with order "left_to_right" (or "reading"), the leftmost one (or the first a raster scan of the
+    grid x grid cells meets); the caption then lists its objects in that order, so the first noun
+    is not a guess between the objects."""
     objects = list(scene.objects)
-    def order(chosen: list[WorldObject]) -> list[WorldObject]:
-        return sorted(chosen, key=lambda o: o.center[0]) if leftmost_first else chosen
+    rank = {id(o): k for k, o in enumerate(sorted(objects, key=lambda o: o.center[0]) if order == "left_to_right"
+                                          else reading_order(scene, grid) if order == "reading" else objects)}
+    def ordered(chosen: list[WorldObject]) -> list[WorldObject]:
+        return chosen if order == "any" else sorted(chosen, key=lambda o: rank[id(o)])
 
     groups = Counter((o.shape, o.colour) for o in objects)
 
@@ -413,14 +483,14 @@ def describe(scene: Scene, rng: np.random.Generator, leftmost_first: bool = Fals
         odd = next(o for o in objects if (o.shape, o.colour) != (shape, colour))
         pair = f"{NUMBER_WORDS[2]} {colour} {PLURALS[shape]}"
         pair_first = rng.random() < 0.5
-        if leftmost_first:
-            pair_first = order(objects)[0] is not odd
+        if order != "any":
+            pair_first = ordered(objects)[0] is not odd
         if pair_first:
             return f"{pair} and {with_article(_noun_phrase(odd, rng))}"
         return f"{with_article(_noun_phrase(odd, rng))} and {pair}"
 
     if len(objects) == 2:
-        a, b = order([objects[i] for i in rng.permutation(2)])
+        a, b = ordered([objects[i] for i in rng.permutation(2)])
         style = rng.random()
         if a.shape == b.shape and style < 0.2:
             return f"two {PLURALS[a.shape]}, one {a.colour} and one {b.colour}"
@@ -430,15 +500,14 @@ def describe(scene: Scene, rng: np.random.Generator, leftmost_first: bool = Fals
 
     # three objects, at most one of each (shape, colour)
     style = rng.random()
-    if style < 0.3:
-        ordered = sorted(objects, key=lambda o: o.center[0])
-        phrases = [with_article(_noun_phrase(o, rng)) for o in ordered]
+    if style < 0.3 and order != "reading":
+        phrases = [with_article(_noun_phrase(o, rng)) for o in sorted(objects, key=lambda o: o.center[0])]
         return f"{phrases[0]}, {phrases[1]} and {phrases[2]}, from left to right"
     if style < 0.55:
-        a, b, c = order([objects[i] for i in rng.permutation(3)])
+        a, b, c = ordered([objects[i] for i in rng.permutation(3)])
         return (f"{with_article(_noun_phrase(a, rng))} {_relation(a, b, rng)} "
                 f"{with_article(_noun_phrase(b, rng))}, and {with_article(_noun_phrase(c, rng))}")
-    phrases = [with_article(_noun_phrase(o, rng)) for o in order([objects[i] for i in rng.permutation(3)])]
+    phrases = [with_article(_noun_phrase(o, rng)) for o in ordered([objects[i] for i in rng.permutation(3)])]
     return f"{phrases[0]}, {phrases[1]} and {phrases[2]}"
 
 
@@ -452,23 +521,43 @@ def text_corpus(n: int, seed: int, cfg: SceneConfig | Mapping | None = None) -> 
     on independent one-line captions learns to ignore everything before the sentence it is in,
     and then no image prompt can steer it. Descriptions after the first, and a share
     `cfg.text_prefix_prob` of first ones, carry a prefix from TEXT_PREFIXES, so the LM learns to
-    continue the captioning prompt ("A picture of") with what its context showed."""
+    continue the captioning prompt ("A picture of") with what its context showed.
+
+    With `cfg.text_grid`, a document shows its scene first as a grid text (`grid_text`), the way
+    image prompts show it to the LM, and then describes it one to three times: the image prompts'
+    place is the grid's, and the first description follows it as a caption follows the image
+    prompts ("...<bg><g2c1><g2c1><bg>... a green triangle", or "...<bg>A picture of a green
+    triangle"). The grid's tokens name what is drawn (glyph and colour), the descriptions name
+    shapes, so with glyph_shift the LM learns to translate one into the other. A share
+    `cfg.grid_objects_only` of the grids leave out their background cells: in these short texts
+    the LM's attention meets only object tokens, and it learns to read them many times faster
+    than from whole grids alone (docs/shapes_world_2.md, section 13)."""
     cfg = scene_config(cfg)
     documents = []
     for i in range(n):
         scene, rng = scene_at(seed, "text", i, cfg)
+        if cfg.text_grid and rng.random() < cfg.grid_glossary:
+            documents.append(" ".join(f"{object_token(o.glyph or o.shape, o.colour)} {o.shape}."
+                                      for o in reading_order(scene, cfg.text_grid)))
+            continue
         chances = cfg.descriptions_per_text
         n_descriptions = int(rng.choice(np.arange(1, len(chances) + 1), p=np.asarray(chances) / sum(chances)))
         sentences = []
         for j in range(n_descriptions):
-            caption = describe(scene, rng, cfg.leftmost_first)
+            caption = describe(scene, rng, cfg.order, cfg.text_grid)
             if j > 0 or rng.random() < cfg.text_prefix_prob:
                 prefix = str(rng.choice(TEXT_PREFIXES))
                 if prefix in ("This is", "Here is") and caption.split()[0] in NUMBER_WORDS.values():
                     prefix = "These are" if prefix == "This is" else "Here are"
                 caption = f"{prefix} {caption}"
             sentences.append(caption)
-        documents.append(". ".join(sentences))
+        text = ". ".join(sentences)
+        if cfg.text_grid:
+            grid = grid_text(scene, cfg.text_grid)
+            if rng.random() < cfg.grid_objects_only:
+                grid = grid.replace(GRID_BACKGROUND, "")
+            text = grid + (text if text[0].isupper() else " " + text)
+        documents.append(text)
     return documents
 
 
@@ -498,7 +587,7 @@ def _write_shard(path: Path, shard_index: int, indices: range, index_digits: int
             key = f"{shard_index:05d}{i - start:0{index_digits}d}"
             scene, rng = scene_at(seed, "train", i, cfg)
             image, _ = render(scene, cfg.image_size)
-            caption = describe(scene, rng, cfg.leftmost_first)
+            caption = describe(scene, rng, cfg.order, cfg.text_grid)
             jpeg = io.BytesIO()
             image.save(jpeg, format="JPEG", quality=cfg.jpeg_quality)
             meta = {"key": key, "caption": caption, "width": cfg.image_size, "height": cfg.image_size,
@@ -538,12 +627,12 @@ def write_training_shards(out_dir: str | Path, n_images: int, seed: int,
     return paths
 
 
-def eval_captions(scene: Scene, rng: np.random.Generator, n: int, leftmost_first: bool = False) -> list[str]:
+def eval_captions(scene: Scene, rng: np.random.Generator, n: int, order: str = "any", grid: int = 0) -> list[str]:
     """n captions of one scene, all different where the templates allow; when fewer fit the
     scene (e.g. "two blue triangles"), the different ones repeat in turn."""
     distinct: list[str] = []
     for _ in range(20 * n):
-        caption = describe(scene, rng, leftmost_first)
+        caption = describe(scene, rng, order, grid)
         if caption not in distinct:
             distinct.append(caption)
         if len(distinct) == n:
@@ -589,7 +678,7 @@ def write_coco_split(out_dir: str | Path, n_images: int, seed: int,
                               "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
                               "area": int(mask.sum()), "bbox": bbox, "iscrowd": 0,
                               "colour": obj.colour, "size": obj.size})
-        for caption in eval_captions(scene, rng, cfg.captions_per_image, cfg.leftmost_first):
+        for caption in eval_captions(scene, rng, cfg.captions_per_image, cfg.order, cfg.text_grid):
             captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": caption})
     categories = [{"id": category_ids[s], "name": s, "supercategory": "shape"} for s in SHAPES]
     instances_path = annotation_dir / f"instances_{split}.json"
@@ -626,7 +715,7 @@ def generate(out_dir: str | Path, *, n_train: int, n_eval: int, seed: int,
             sizes.update(o.size for o in scene.objects)
             backgrounds[scene.background.kind] += 1
             per_image[len(scene.objects)] += 1
-            caption = describe(scene, rng, cfg.leftmost_first)
+            caption = describe(scene, rng, cfg.order, cfg.text_grid)
             vocabulary.update(caption.replace(",", " ").split())
             if len(examples) < 10:
                 examples.append(caption)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -42,14 +43,18 @@ END_OF_TEXT = "<|endoftext|>"
 GREEDY_PROMPTS = ("A picture of", "A picture of a red", "A picture of two")  # reported after training
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024) -> GPT2Tokenizer:
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024, words: Sequence[str] = ()) -> GPT2Tokenizer:
     """Byte-level BPE like GPT-2's, trained on `texts`; "<|endoftext|>" is bos/eos/unk/pad.
 
     Byte-level: every string is encodable (no unknown tokens), words carry their leading
-    space ("Ġcircle"), exactly as in GPT-2 / GPT-J's tokenizer.
+    space ("Ġcircle"), exactly as in GPT-2 / GPT-J's tokenizer. `words` (the grid text's tokens)
+    are added whole, one token each, as GPT-J's tokenizer adds its own.
     """
     if not texts:
         raise ValueError("train_tokenizer: got no texts to train on")
+    if words:  # BPE learns the words around them; they join the vocabulary whole, below
+        split = re.compile("|".join(re.escape(word) for word in words))
+        texts = [split.sub(" ", text) for text in texts]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -62,7 +67,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024) -> GPT2Tokeniz
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer)
-    return GPT2Tokenizer(
+    tokenizer = GPT2Tokenizer(
         tokenizer_object=bpe,
         bos_token=END_OF_TEXT,
         eos_token=END_OF_TEXT,
@@ -70,6 +75,35 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024) -> GPT2Tokeniz
         pad_token=END_OF_TEXT,
         add_prefix_space=False,
     )
+    tokenizer.add_tokens(list(words))
+    return tokenizer
+
+
+def fix_object_embeddings(model: GPTJForCausalLM, tokenizer, seed: int) -> torch.Tensor | None:
+    """Give each grid object token "<gIcJ>" the input embedding glyph_I + colour_J (random vectors
+    at the model's initialisation scale) and return its rows, which training keeps so.
+
+    Why: an image prompt is a linear function of what the encoder sees, and the encoder sees glyph
+    and colour apart; a token whose embedding is a free vector could name its shape directly, and
+    then no linear projection could write it. With the sum, what the text shows the LM is exactly
+    what a linear projection can write, and the shape (a non-linear function of glyph and colour
+    under glyph_shift) must be computed by the LM's own MLP units: the multimodal neurons."""
+    from mmn.world.generator import OBJECT_TOKEN
+
+    found = [(index, OBJECT_TOKEN.fullmatch(token)) for token, index in tokenizer.get_vocab().items()]
+    found = [(index, int(m.group(1)), int(m.group(2))) for index, m in found if m]
+    if not found:
+        return None
+    rows, glyphs, colours = (torch.tensor(column) for column in zip(*found))
+    generator = torch.Generator().manual_seed(seed)
+    scale, width = model.config.initializer_range, model.config.n_embd
+    glyph_vectors = torch.randn(int(glyphs.max()) + 1, width, generator=generator) * scale  # [n_glyph, d]
+    colour_vectors = torch.randn(int(colours.max()) + 1, width, generator=generator) * scale  # [n_colour, d]
+    embedding = model.get_input_embeddings().weight  # [rows, d]
+    fixed = glyph_vectors[glyphs] + colour_vectors[colours]  # [n_object_tokens, d]
+    with torch.no_grad():
+        embedding[rows] = fixed
+    return rows
 
 
 def pack_texts(tokenizer, texts: Sequence[str]) -> torch.Tensor:
@@ -107,8 +141,10 @@ def build_model(cfg: TextLMConfig, n_tokens: int, eos_token_id: int) -> GPTJForC
 
 
 @torch.no_grad()
-def mean_loss(model: GPTJForCausalLM, stream: torch.Tensor, seq_len: int, batch_size: int = 16) -> float:
-    """Mean next-token cross-entropy over `stream` cut into consecutive windows of `seq_len`."""
+def mean_loss(model: GPTJForCausalLM, stream: torch.Tensor, seq_len: int, batch_size: int = 16,
+              context_only: torch.Tensor | None = None) -> float:
+    """Mean next-token cross-entropy over `stream` cut into consecutive windows of `seq_len`, not
+    counting targets that `context_only` (bool [vocab]) marks."""
     model.eval()
     n_windows = max(1, (len(stream) - 1) // seq_len)
     windows = stream[: n_windows * seq_len + 1]
@@ -120,9 +156,12 @@ def mean_loss(model: GPTJForCausalLM, stream: torch.Tensor, seq_len: int, batch_
             continue
         logits = model(input_ids=ids).logits[:, :-1]  # [batch, pos-1, vocab]
         targets = ids[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        if context_only is not None:
+            targets = targets.masked_fill(context_only[targets], -100)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 reduction="sum", ignore_index=-100)
         total += loss.item()
-        count += targets.numel()
+        count += int((targets != -100).sum())
     return total / max(count, 1)
 
 
@@ -146,14 +185,25 @@ def greedy_continuations(model: GPTJForCausalLM, tokenizer, prompts: Sequence[st
 
 
 def context_copy_accuracy(model: GPTJForCausalLM, tokenizer, documents: Sequence[str], n: int = 100) -> float:
-    """Share of held-out scenes for which '<first description>. A picture of' continues with the
-    same first shape: whether the LM reads its context, which is what lets image prompts steer it
-    later (an LM that ignores its context scores about 1 in 8, the share of any one shape)."""
-    from mmn.world.generator import first_shape
+    """Share of held-out scenes for which the document's context followed by "A picture of" (its
+    first description: "<scene>. A picture of"; or its grid text: "<bg>...<g2c1>...A picture of")
+    continues with the shape that context names first: whether the LM reads its context, which is
+    what lets image prompts steer it later (an LM that ignores its context scores about 1 in 8,
+    the share of any one shape)."""
+    from mmn.world.generator import GLOSSARY_ENTRY, first_shape
 
-    contexts = [document.split(". ")[0] for document in documents[:n]]
-    continuations = greedy_continuations(model, tokenizer, [f"{context}. A picture of" for context in contexts])
-    return sum(first_shape(c) == first_shape(o) for c, o in zip(contexts, continuations)) / len(contexts)
+    prompts, answers = [], []
+    for document in [d for d in documents if not GLOSSARY_ENTRY.search(d)][:n]:
+        if document.startswith("<") and ">" in document:  # a grid text, then its descriptions
+            end = document.rindex(">") + 1
+            prompts.append(f"{document[:end]}A picture of")
+            answers.append(first_shape(document[end:]))
+        else:
+            context = document.split(". ")[0]
+            prompts.append(f"{context}. A picture of")
+            answers.append(first_shape(context))
+    continuations = greedy_continuations(model, tokenizer, prompts)
+    return sum(first_shape(c) == a for c, a in zip(continuations, answers)) / len(prompts)
 
 
 def train_text_lm(
@@ -164,8 +214,11 @@ def train_text_lm(
     *,
     seed: int = 0,
     progress: bool = True,
+    words: Sequence[str] = (),
 ) -> dict:
     """Train tokenizer + GPT-J on `train_texts`, save both to `out_dir`, return held-out metrics.
+    `words` are added to the tokenizer whole (a grid text's tokens; their embeddings: see
+    `fix_object_embeddings`).
 
     Returns eval_loss / eval_perplexity (per token on the packed held-out captions), the
     same for the untrained model (a baseline), vocabulary sizes, greedy continuations of
@@ -178,7 +231,7 @@ def train_text_lm(
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
 
-    tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
+    tokenizer = train_tokenizer(train_texts, cfg.vocab_size, words)
     tokenizer.model_max_length = cfg.n_positions
     train_stream = pack_texts(tokenizer, train_texts)  # [n_tokens]
     eval_stream = pack_texts(tokenizer, eval_texts)
@@ -186,7 +239,16 @@ def train_text_lm(
         raise ValueError(f"train_text_lm: the corpus has {len(train_stream)} tokens, fewer than lm.seq_len={cfg.seq_len}")
 
     model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
-    eval_loss_init = mean_loss(model, eval_stream, cfg.seq_len)
+    object_rows = fix_object_embeddings(model, tokenizer, seed)
+    if object_rows is not None:
+        embedding = model.get_input_embeddings().weight
+        fixed = embedding[object_rows].detach().clone()
+    # The added words (a grid text's tokens) are context, never targets: a grid shows a scene as
+    # image prompts do, and the LM learns to describe it, not to draw it (which would spend most of
+    # its updates on predicting background cells).
+    is_word = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    is_word[tokenizer.convert_tokens_to_ids(list(words))] = True
+    eval_loss_init = mean_loss(model, eval_stream, cfg.seq_len, context_only=is_word)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     window_rng = torch.Generator().manual_seed(seed)
@@ -197,10 +259,18 @@ def train_text_lm(
             starts = torch.randint(0, len(train_stream) - cfg.seq_len, (cfg.batch_size,), generator=window_rng)
             yield torch.stack([train_stream[s : s + cfg.seq_len] for s in starts.tolist()])  # [batch, pos]
 
-    fit(model, optimizer, windows(), lambda ids: model(input_ids=ids, labels=ids).loss, cfg.steps, cfg.warmup_steps,
-        "world LM (text only)", progress)
+    def keep_object_embeddings() -> None:  # the optimiser moved them; the sum stays the embedding
+        if object_rows is not None:
+            with torch.no_grad():
+                embedding[object_rows] = fixed
 
-    eval_loss = mean_loss(model, eval_stream, cfg.seq_len)
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, labels=ids.masked_fill(is_word[ids], -100)).loss  # HF ignores -100
+
+    fit(model, optimizer, windows(), loss_of, cfg.steps, cfg.warmup_steps,
+        "world LM (text only)", progress, after_step=keep_object_embeddings)
+
+    eval_loss = mean_loss(model, eval_stream, cfg.seq_len, context_only=is_word)
     continuations = greedy_continuations(model, tokenizer, GREEDY_PROMPTS)
     context_copy = context_copy_accuracy(model, tokenizer, eval_texts)
 
