@@ -68,6 +68,7 @@ def test_table2_is_the_mean_over_images_of_per_image_means():
     assert table.set_index("kind").loc["random", "clipscore_mean"] == pytest.approx(15)
     assert tests["prompt_vs_noun"]["statistic"] == 1.0 and tests["prompt_vs_noun"]["n_a"] == 4  # per image, separated
     assert tests["prompt_vs_random"]["statistic"] == pytest.approx(0.75)
+    assert tests["noun_vs_random"]["statistic"] == 1.0  # nouns 70-95, random 0-30 per image
     table = table.set_index("kind")
     low, high = table.loc["prompt", ["clipscore_low", "clipscore_high"]]  # per image: 15, 40, 50, 60
     assert 15 <= low < table.loc["prompt", "clipscore_mean"] < high <= 60

@@ -122,8 +122,9 @@ def table2(scores: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> tuple[
     shows), then the mean and standard error over images (Table 2) with a 95% bootstrap interval
     of the mean (<metric>_low, <metric>_high: `resamples` resamples of the images, seeded by
     `seed`; stats.bootstrap_ci), and two-sample KS tests on the per-image mean CLIPScores: prompts
-    vs random vectors, prompts vs nouns.
-    -> (per_image, table, {"prompt_vs_random": ks, "prompt_vs_noun": ks})"""
+    vs random vectors, prompts vs nouns, and nouns vs random vectors (how far a scorer puts the
+    image's own words from the baseline).
+    -> (per_image, table, {"prompt_vs_random": ks, "prompt_vs_noun": ks, "noun_vs_random": ks})"""
     per_image = (scores.groupby(["kind", "image_id"])
                  .agg(clipscore=("clipscore", "mean"), bertscore=("bertscore", "mean"),
                       clipscore_max=("clipscore", "max")).reset_index())
@@ -131,6 +132,7 @@ def table2(scores: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> tuple[
              .reindex([kind for kind in KINDS if kind in set(per_image["kind"])]))
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
     clip_of = {kind: rows["clipscore"].to_numpy() for kind, rows in per_image.groupby("kind")}
-    tests = {f"prompt_vs_{other}": ks_test(clip_of["prompt"], clip_of[other]) for other in ("random", "noun")}
+    tests = {f"{a}_vs_{b}": ks_test(clip_of[a], clip_of[b])
+             for a, b in (("prompt", "random"), ("prompt", "noun"), ("noun", "random"))}
     table = with_intervals(table.reset_index(), per_image, "kind", ("clipscore", "bertscore"), resamples, seed)
     return per_image, table, tests
