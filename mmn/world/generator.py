@@ -529,9 +529,11 @@ def text_corpus(n: int, seed: int, cfg: SceneConfig | Mapping | None = None) -> 
     prompts ("...<bg><g2c1><g2c1><bg>... a green triangle", or "...<bg>A picture of a green
     triangle"). The grid's tokens name what is drawn (glyph and colour), the descriptions name
     shapes, so with glyph_shift the LM learns to translate one into the other. A share
-    `cfg.grid_objects_only` of the grids leave out their background cells: in these short texts
-    the LM's attention meets only object tokens, and it learns to read them many times faster
-    than from whole grids alone (docs/shapes_world_2.md, section 13)."""
+    `cfg.grid_glossary` of the documents are glossary lines instead ("<g2c1> circle. <g5c3>
+    star."), which put each shape word right after its object token: without them the LM learned
+    the colours but not the shapes within its 1,000 steps (a grid's shape words are an XOR of
+    glyph and colour, with no first-order signal to start from; docs/shapes_world_2.md, section
+    13). A share `cfg.grid_objects_only` of the grids leave out their background cells."""
     cfg = scene_config(cfg)
     documents = []
     for i in range(n):
