@@ -26,7 +26,7 @@ class TextLMConfig:
     n_head: int = 4
     rotary_dim: int = 16
     n_inner: int = 512
-    n_positions: int = 320        # room for 196 image prompts + prompt + a long caption
+    n_positions: int = 320        # room for 196 image prompts (a 14 x 14 grid) + prompt + a long caption
     seq_len: int = 256            # tokens per training window
     batch_size: int = 8
     steps: int = 1000  # in-context copying (what lets image prompts steer the LM): 56%; 69% after 2000 steps,

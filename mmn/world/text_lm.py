@@ -1,7 +1,8 @@
 """Shapes world part (a): a byte-level BPE tokenizer and a small GPT-J trained on text only.
 
 The world's language model plays GPT-J 6B's role: a causal LM that has only ever read
-text (the generator's caption corpus, scenes described but never rendered). It is a real
+text (the generator's corpus: scenes described, and shown as grid texts, but never rendered;
+`generator.text_corpus`). It is a real
 `GPTJForCausalLM` (rotary attention, parallel attention + MLP blocks, gelu_new MLP,
 untied lm_head) saved with `save_pretrained`, next to a GPT-2-style byte-level BPE
 tokenizer trained with the `tokenizers` library, so every loader that reads
@@ -18,7 +19,7 @@ through the unembedding must only count real rows.
 
 Training packs captions separated by "<|endoftext|>" into one token stream and trains on
 random windows of `seq_len` tokens, so the model sees long contexts and late positions
-(the captioner feeds 196 image prompts + a few text tokens).
+(the captioner feeds its image prompts, 49 in the default world, then a few text tokens).
 """
 
 from __future__ import annotations
