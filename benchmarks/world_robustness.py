@@ -8,7 +8,8 @@ projection is then captioned on the evaluation images (`analyze.py` with attribu
 ablation, so only captions and p(c) are computed). Prints one row per run, then the lowest of
 each column: the issue's bar is first-noun accuracy >= 0.90 (none below 0.85) and p(c) >= 0.5.
 
-Runs go to outputs/world_robustness/<digest of the overrides>/<run>/ and are kept, so a killed
+Runs go to outputs/world_robustness/<digest of the overrides, the world and the training recipe>/<run>/
+and are kept, so a killed
 run resumes from its last checkpoint when started again (train.py's resume) and finished ones are
 read back, not redone.
 """
@@ -20,7 +21,9 @@ from pathlib import Path
 import mmn  # noqa: F401
 from mmn.recipes.analyze import analyze
 from mmn.config import CONFIG_DIR, analysis_overrides, compose, digest
+from mmn.recipes.run import ensure_world
 from mmn.recipes.train import train
+from mmn.world.build import load_world
 
 RUNS = {  # name -> overrides
     "seed0": ["seed=0"],
@@ -49,7 +52,11 @@ def run(name: str, overrides: list[str], common: list[str], root: Path) -> dict:
 
 
 def main(overrides: list[str]) -> None:
-    common, root = [*overrides, "logger=none"], ROOT / digest(overrides)
+    common = [*overrides, "logger=none"]
+    cfg = compose(common)
+    ensure_world(cfg)
+    # keyed by the world and the training recipe too, so a changed default never reads old runs back
+    root = ROOT / digest(overrides, load_world(cfg.world.dir)["config"], cfg.training)
     rows = [run(name, extra, common, root) for name, extra in RUNS.items()]
     print(f"{'run':<12} {'precision':<11} {'first-noun acc':>14} {'mean p(c)':>10} {'val loss':>9}")
     for row in rows:
