@@ -8,10 +8,9 @@ projection is then captioned on the evaluation images (`analyze.py` with attribu
 ablation, so only captions and p(c) are computed). Prints one row per run, then the lowest of
 each column: the issue's bar is first-noun accuracy >= 0.90 (none below 0.85) and p(c) >= 0.5.
 
-Runs go to outputs/world_robustness/<digest of the overrides, the world and the training recipe>/<run>/
-and are kept, so a killed
-run resumes from its last checkpoint when started again (train.py's resume) and finished ones are
-read back, not redone.
+Runs go to outputs/world_robustness/<digest of the overrides, the world and the training
+recipe>/<run>/ and are kept, so a killed run resumes from its last checkpoint when started again
+(train.py's resume) and finished ones are read back, not redone.
 """
 
 import json

@@ -281,7 +281,7 @@ def test_grid_text_shows_each_cell_as_the_encoders_patches_see_it():
     tokens = re.findall(r"<[^>]+>", g.grid_text(scene, 7))
     assert len(tokens) == 49 and set(tokens) <= set(g.grid_tokens())
     # each object's token names what is drawn (glyph) and its colour, and sits on the cells its
-    # mask covers at least GRID_COVER of, rendered at the image's size
+    # mask covers at least PATCH_COVER of, rendered at the image's size
     _, masks = render(scene, 112)
     for obj, mask in zip(scene.objects, masks):
         token = g.object_token(obj.glyph, obj.colour)

@@ -85,9 +85,10 @@ ORDERS: tuple[str, ...] = ("any", "left_to_right", "reading")
 # The grid text (SceneConfig.text_grid): a scene written as its image prompts reach the LM, one
 # token per grid cell in raster order, "<bg>" for background and, for a cell an object covers,
 # that object's token "<gIcJ>": glyph I (the outline drawn, index in SHAPES) in colour J (index in
-# COLOURS). A cell belongs to the object that covers the largest share of it, if >= GRID_COVER.
+# COLOURS). A cell belongs to the object that covers the largest share of it, if >= PATCH_COVER
+# (the rule the encoder's probes label patches by, and its tokenizer's).
 GRID_BACKGROUND = "<bg>"
-GRID_COVER = 0.3
+PATCH_COVER = 0.3
 OBJECT_TOKEN = re.compile(r"<g(\d+)c(\d+)>")
 GLOSSARY_ENTRY = re.compile(r"<g\d+c\d+> [a-z]+\.")  # "<g2c2> circle." (SceneConfig.grid_glossary)
 
@@ -371,7 +372,7 @@ def object_grid(scene: Scene, grid: int) -> np.ndarray:
     masks = object_masks(scene, grid * cell)
     cover = np.stack([m.reshape(grid, cell, grid, cell).mean(axis=(1, 3)).reshape(-1) for m in masks])  # [n_obj, n_cell]
     owner = cover.argmax(axis=0)
-    return np.where(cover.max(axis=0) >= GRID_COVER, owner, -1)
+    return np.where(cover.max(axis=0) >= PATCH_COVER, owner, -1)
 
 
 def grid_text(scene: Scene, grid: int) -> str:

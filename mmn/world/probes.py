@@ -22,8 +22,6 @@ import torch.nn.functional as F
 
 from mmn.world import generator
 
-PATCH_COVER = 0.3  # a patch belongs to the object that covers at least this share of it (as the tokenizer)
-
 
 def patch_labels(seed: int, n: int, scenes, patch_size: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
     """Render n scenes of the "batch" stream and label each patch with the shape, colour and drawn
@@ -42,7 +40,7 @@ def patch_labels(seed: int, n: int, scenes, patch_size: int) -> tuple[np.ndarray
         images[i] = np.asarray(image)
         for obj, mask in zip(scene.objects, masks):
             cover = mask.reshape(grid, patch_size, grid, patch_size).mean(axis=(1, 3)).reshape(-1)  # [n_patch]
-            on = torch.from_numpy(cover >= PATCH_COVER)
+            on = torch.from_numpy(cover >= generator.PATCH_COVER)
             shape[i, on] = generator.SHAPES.index(obj.shape)
             colour[i, on] = list(generator.COLOURS).index(obj.colour)
             glyph[i, on] = generator.SHAPES.index(obj.glyph or obj.shape)
