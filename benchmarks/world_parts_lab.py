@@ -3,10 +3,15 @@ with overrides of its config section, and print what decides whether the part is
 
     python benchmarks/world_parts_lab.py lm steps=1500 seed=1
     python benchmarks/world_parts_lab.py clip vision_layers=[1,1,1,1] image_size=64
+    python benchmarks/world_parts_lab.py encoder hidden_size=128 steps=3000
 
 lm    how often the LM continues "<a description>. A picture of" with the described scene's
       first shape (in-context copying: an LM that ignores its context cannot be steered by image
       prompts; about 1 in 8 without copying), and its held-out loss.
+encoder  held-out token accuracy, and the linear and MLP probes of each patch's shape, glyph
+      (the outline drawn) and colour (world.json's `encoder.probes`): under the grid-text world a
+      linear projection can write an object token only as well as the linear glyph and colour
+      probes read them.
 clip  held-out retrieval, how often the true caption beats one with its shape (colour) word
       swapped, and mean CLIPScore of the true caption, its first noun and five random words of
       the world's vocabulary (a scorer must rank them in that order), with the KS test of nouns
@@ -30,8 +35,11 @@ from scipy.stats import ks_2samp
 from mmn.analysis.clipscore import ClipScorer
 from mmn.config import CONFIG_DIR
 from mmn.world import generator
-from mmn.world.build import DEFAULT_WORLD, HELD_OUT_SEED_OFFSET
+from mmn.world.build import DEFAULT_WORLD, HELD_OUT_SEED_OFFSET, PROBE_SEED_OFFSET
 from mmn.world.clip import ClipConfig, train_clip
+from mmn.world.image_encoder import train_image_encoder
+from mmn.world.probes import encoder_probes
+from mmn.world.settings import EncoderConfig
 from mmn.world.text_lm import TextLMConfig, train_text_lm
 
 ROOT = CONFIG_DIR.parent / "outputs" / "world_parts_lab"
@@ -39,8 +47,8 @@ ROOT = CONFIG_DIR.parent / "outputs" / "world_parts_lab"
 
 def parse(arguments: list[str]) -> tuple[str, dict, dict, int]:
     """['clip', 'steps=440', 'scenes.size_scale=2'] -> ('clip', part overrides, scene overrides, seed)"""
-    if not arguments or arguments[0] not in ("lm", "clip"):
-        raise SystemExit("usage: python benchmarks/world_parts_lab.py {lm,clip} [key=value ...]")
+    if not arguments or arguments[0] not in PARTS:
+        raise SystemExit("usage: python benchmarks/world_parts_lab.py {lm,encoder,clip} [key=value ...]")
     part, overrides, scenes, seed = arguments[0], {}, {}, DEFAULT_WORLD["seed"]
     for argument in arguments[1:]:
         key, sep, value = argument.partition("=")
@@ -68,6 +76,15 @@ def lab_lm(cfg: TextLMConfig, scenes: generator.SceneConfig, seed: int, out_dir:
             "seconds": round(metrics["seconds"])}
 
 
+def lab_encoder(cfg: EncoderConfig, scenes: generator.SceneConfig, seed: int, out_dir: Path) -> dict:
+    images, _ = generator.render_batch(seed, cfg.n_images, scenes)
+    eval_images, _ = generator.render_batch(seed + HELD_OUT_SEED_OFFSET, cfg.n_eval_images, scenes)
+    metrics = train_image_encoder(images, eval_images, out_dir, cfg, seed=seed)
+    probes = encoder_probes(out_dir, scenes, seed + PROBE_SEED_OFFSET, n_images=2 * cfg.n_eval_images)
+    return {"eval_token_accuracy": round(metrics["eval_token_accuracy"], 4), "probes": probes,
+            "seconds": round(metrics["seconds"])}
+
+
 def lab_clip(cfg: ClipConfig, scenes: generator.SceneConfig, seed: int, out_dir: Path) -> dict:
     images, captions = generator.render_batch(seed, cfg.n_pairs, scenes)
     eval_images, eval_captions = generator.render_batch(seed + HELD_OUT_SEED_OFFSET, cfg.n_eval_pairs, scenes)
@@ -89,10 +106,13 @@ def lab_clip(cfg: ClipConfig, scenes: generator.SceneConfig, seed: int, out_dir:
             "seconds": round(metrics["seconds"])}
 
 
+PARTS = {"lm": (TextLMConfig, lab_lm), "encoder": (EncoderConfig, lab_encoder), "clip": (ClipConfig, lab_clip)}
+
+
 def main(arguments: list[str], root: Path = ROOT) -> dict:
     part, overrides, scene_overrides, seed = parse(arguments)
     scenes = generator.scene_config({**DEFAULT_WORLD["scenes"], **scene_overrides})
-    config_class, lab = {"lm": (TextLMConfig, lab_lm), "clip": (ClipConfig, lab_clip)}[part]
+    config_class, lab = PARTS[part]
     cfg = config_class(**{**DEFAULT_WORLD[part], **overrides})
     out_dir = root / part
     result = {"part": part, "overrides": arguments[1:], **lab(cfg, scenes, seed, out_dir), "config": asdict(cfg)}
