@@ -15,7 +15,7 @@ import torch
 from mmn.world import generator
 from mmn.world.build import (MANIFEST_FILE, PARTS, SHIPPED_DIR, build_world, resolve_world_config, ship_world,
                              shipped_part, world_summary)
-from mmn.world.clip import ClipConfig, train_clip
+from mmn.world.clip import ClipConfig, noun_texts, train_clip
 from mmn.world.image_encoder import (EncoderConfig, ObjectTokenizer, TokenPredictionModel, kmeans, object_components,
                                     to_pixels, tokenize, train_image_encoder)
 from mmn.world.text_lm import TextLMConfig, train_text_lm
@@ -201,6 +201,17 @@ def test_clip_trains_and_loads_through_open_clip_local_dir(tmp_path, vision_laye
     assert image_features.shape == text_features.shape == (3, 16)
     # the weights that were loaded are the trained ones: same logit scale
     assert math.isclose(model.logit_scale.detach().exp().item(), metrics["logit_scale"], rel_tol=1e-5)
+
+
+
+def test_noun_texts_replace_a_seeded_share_of_captions_by_their_first_noun():
+    captions = generator.render_batch(0, 400)[1]
+    texts = noun_texts(captions, 0.25, seed=3)
+    replaced = [(caption, text) for caption, text in zip(captions, texts) if text != caption]
+    assert 70 <= len(replaced) <= 130  # a quarter of 400, give or take the draw
+    assert all(text == generator.first_shape(caption) and text in generator.SHAPES for caption, text in replaced)
+    assert noun_texts(captions, 0.25, seed=3) == texts and noun_texts(captions, 0.25, seed=4) != texts
+    assert noun_texts(captions, 0.0, seed=3) == list(captions)
 
 
 TINY_WORLD = {

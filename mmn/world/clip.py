@@ -34,6 +34,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 from safetensors.torch import save_file
 
+from mmn.world import generator
 from mmn.world.optimise import epoch_batches, fit
 from mmn.world.settings import ClipConfig
 
@@ -131,6 +132,13 @@ def swap_accuracy(model: open_clip.CLIP, pixels: torch.Tensor, captions: Sequenc
     return wins / max(total, 1)
 
 
+def noun_texts(captions: Sequence[str], share: float, seed: int) -> list[str]:
+    """A random `share` of the captions replaced by their first noun alone ("a red circle above a
+    star" -> "circle"), so that the scorer has seen single words, as CLIP's alt-texts include them."""
+    chosen = np.random.default_rng(seed).random(len(captions)) < share
+    return [generator.first_shape(caption) or caption if swap else caption for caption, swap in zip(captions, chosen)]
+
+
 def train_clip(
     train_images: np.ndarray,
     train_captions: Sequence[str],
@@ -160,6 +168,8 @@ def train_clip(
     tokenizer = SimpleTokenizer(context_length=cfg.context_length)
     train_pixels = preprocess_images(train_images, cfg)  # [n, 3, size, size]
     eval_pixels = preprocess_images(eval_images, cfg)
+    if cfg.noun_texts:
+        train_captions = noun_texts(train_captions, cfg.noun_texts, seed)
     train_tokens = tokenizer(list(train_captions))     # [n, context_length]
     eval_tokens = tokenizer(list(eval_captions))
 

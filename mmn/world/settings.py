@@ -90,6 +90,9 @@ class ClipConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.1
     retrieval_pool: int = 100    # retrieval is scored among this many held-out pairs at a time
+    noun_texts: float = 0.1      # share of training pairs whose text is the caption's first noun alone, as alt-texts
+                                 # often are a single word: trained on captions only, the CLIP scored a bare noun at zero
+                                 # for 44% of images (docs/shapes_world_2.md, section 14)
 
 
 # The default world (conf/world/shapes.yaml extends it as
