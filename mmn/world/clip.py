@@ -4,7 +4,9 @@ It plays the role of the CLIP that CLIPScore uses on real data, and nothing else
 captioner never sees it. It is a real `open_clip.CLIP` (image tower open_clip's ModifiedResNet,
 as in CLIP's RN50, or a ViT; causal text transformer with open_clip's default
 `SimpleTokenizer`, whose BPE vocabulary of 49408 ships inside the package) trained with
-open_clip's `ClipLoss`, and saved in open_clip's hub layout so that the real loaders read it:
+open_clip's `ClipLoss` (a share `noun_texts` of its texts are a caption's first noun alone, as
+many of CLIP's alt-texts are one word), and saved in open_clip's hub layout so that the real
+loaders read it:
 
     open_clip.create_model_and_transforms("local-dir:" + dir)
     open_clip.get_tokenizer("local-dir:" + dir)
