@@ -84,8 +84,8 @@ class ClipConfig:
     text_heads: int = 4
     text_layers: int = 3
     batch_size: int = 64
-    steps: int = 2640            # under glyph_shift the CLIP learns the cipher too: shape swap 0.91 without noun texts
-                                 # (1,320 steps: 0.73, 440: 0.63), 0.84 with (docs/shapes_world_2.md, section 14)
+    steps: int = 3960            # under glyph_shift the CLIP learns the cipher too: shape swap 0.90 (2,640 steps: 0.84;
+                                 # without noun texts 2,640: 0.91, 1,320: 0.73; docs/shapes_world_2.md, section 14)
     lr: float = 1e-3
     warmup_steps: int = 30
     weight_decay: float = 0.1
