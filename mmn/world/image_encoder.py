@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from transformers import BeitConfig, BeitImageProcessor, BeitModel
 
+from mmn.world.generator import PATCH_COVER  # a patch takes an object's token from this share of cover
 from mmn.world.optimise import epoch_batches, fit
 from mmn.world.settings import EncoderConfig
 
@@ -64,7 +65,6 @@ PIXEL_STD = (0.5, 0.5, 0.5)
 OBJECT_PIXEL_THRESHOLD = 0.3  # normalised distance from the median colour that marks an object-like pixel
 # (world backgrounds, noise and gradients included, stay within ~0.27 of their median; object colours are > 1.3 away)
 MIN_OBJECT_PIXELS = 30    # smaller components are specks, not objects (the smallest object covers ~300 pixels)
-PATCH_COVER = 0.3         # a patch takes an object's token when the object covers at least this share of it
 BACKGROUND_WEIGHT = 0.1   # loss weight of background patches (about 80% of patches, and easy)
 TOKENIZER_FIT_IMAGES = 1500  # k-means of a dozen outline clusters needs a few thousand objects, not every image's
 
