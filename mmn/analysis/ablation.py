@@ -91,17 +91,12 @@ def ablate_masks(lm: LanguageModel, masks: Mapping[int, Tensor], mode: str = "ze
     if positions is not None and (positions.step not in (None, 1) or positions.start is None
                                   or positions.stop is None):
         raise ValueError(f"ablate: positions must be a slice start:stop of the sequence, got {positions}")
-    offset = [0]  # where the running pass starts in the sequence: the length of the KV cache it continues
-
-    def pass_start(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        offset[0] = 0 if cache is None else cache.get_seq_length()
 
     def replace(module, args):
         mask, values = plan[module]
         activation = args[0]  # [rows, pos, d_mlp]
         if positions is not None:
-            sequence = torch.arange(activation.shape[1], device=activation.device) + offset[0]  # [pos]
+            sequence = torch.arange(activation.shape[1], device=activation.device) + pass_start()  # [pos]
             inside = (sequence >= positions.start) & (sequence < positions.stop)  # [pos]
             if not inside.any():
                 return None  # e.g. a cached generation step, after the ablated positions
@@ -109,8 +104,7 @@ def ablate_masks(lm: LanguageModel, masks: Mapping[int, Tensor], mode: str = "ze
         value = torch.zeros((), dtype=activation.dtype, device=activation.device) if values is None else values
         return (torch.where(mask, value, activation), *args[1:])
 
-    with lm.hooks(pre=[(module, replace) for module in plan],
-                  pre_with_kwargs=[(lm.model.base_model, pass_start)] if positions is not None else []):
+    with lm.pass_start() as pass_start, lm.hooks(pre=[(module, replace) for module in plan]):
         yield
 
 
