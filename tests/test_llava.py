@@ -281,3 +281,27 @@ def test_the_papers_other_recipes_run_through_model_llava(tiny_world, planted_di
     ious = pd.read_parquet(tmp_path / "fields" / "ious.parquet")
     assert figure5["images"] >= 1 and set(ious["arm"]) == {"top", "random"} and ious["iou"].between(0, 1).all()
     assert "L0.u7" in set(ious.loc[ious["arm"] == "top", "neuron"])
+
+
+def test_train_py_trains_a_fresh_projector_for_a_llavas_tower_and_lm_which_analyses_load(tiny_world, llava_dir,
+                                                                                          tmp_path):
+    """`python train.py model=llava projection.checkpoint=null` (LLaVA's stage 1 on the tiny world's
+    pairs, with the chat prompt around the image): only the projector trains, and the folder it
+    writes takes the place of the LLaVA's own projector in the analyses."""
+    from mmn.models.projection import Projection
+    from mmn.recipes.run import load_captioner
+    from mmn.recipes.train import train
+
+    llava = ["model=llava", f"lm.name_or_path={llava_dir}", "lm.dtype=float32"]
+    summary = train(compose([*tiny_world, *llava, "projection.checkpoint=null", "training.with_prompt=true",
+                             "logger=none", f"paths.output_dir={tmp_path}"]))
+    trained = Projection.load(tmp_path / "projection")
+    assert summary["steps"] == 6 and (trained.kind, trained.d_enc, trained.d_lm) == ("mlp2x_gelu", 16, 24)
+    own = load_llava(llava_dir, dtype="float32").projection
+    assert not torch.equal(trained.linear.weight, own.linear.weight)
+    captioner = load_captioner(compose([*llava, f"projection.checkpoint={tmp_path / 'projection'}",
+                                        "lm.dtype=bfloat16"], config_name="analyze"))
+    assert torch.equal(captioner.projection.linear_2.weight, trained.linear_2.weight)  # float32, as trained
+    assert captioner.lm.dtype == torch.bfloat16 and captioner.input_embeddings(
+        captioner.preprocess(images(1))).dtype == torch.bfloat16
+    assert captioner.image_positions == slice(PREFIX, PREFIX + 9)

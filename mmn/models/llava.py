@@ -130,8 +130,8 @@ def load_llava(
     as a captioner, from one load of its weights (see the module doc).
 
     Args:
-        dtype: of every parameter; LLaVA 1.5 is published in float16, "bfloat16" (the default) keeps
-            its range. The projection is cast to it too, as in the model.
+        dtype: of the tower, the LM and the LLaVA's own projector; LLaVA 1.5 is published in
+            float16, "bfloat16" (the default) keeps its range.
         instruction, answer_start: the captioning prompt (`chat_prompt`).
         feature_layer: the vision tower's hidden state(s) the encoder yields; None is the checkpoint's
             vision_feature_layer (-2 for LLaVA 1.5), the only one its projector was trained on.
@@ -173,8 +173,9 @@ def load_llava(
                                                                  revision=revision))
     encoder = ClipVisionEncoder(llava.model.vision_tower, processor.image_processor, feature_layer=layers,
                                 resize_mode=resize_mode)
-    if projection is None:
-        projection = Projection.from_llava_projector(llava.model.multi_modal_projector)
+    if projection is None:  # in the model's dtype, as LLaVA computes it
+        projection = Projection.from_llava_projector(llava.model.multi_modal_projector).to(llava.dtype)
     lm = LanguageModel(causal_lm_around(llava), processor.tokenizer)
     del llava  # its projector is copied and the rest lives on in the encoder and the LM
-    return Captioner(encoder, projection.to(lm.dtype), lm, prompt=prompt).to(device).eval()
+    # a given projection keeps its dtype (float32 weights to train; its prompts are cast to the LM's)
+    return Captioner(encoder, projection, lm, prompt=prompt).to(device).eval()
