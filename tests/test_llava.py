@@ -12,12 +12,13 @@ import torch
 from captum.attr import LayerGradientXActivation
 from PIL import Image
 
-from mmn.analysis.ablation import ablate, ablation_settings, ablation_sweep
+from mmn.analysis.ablation import ablate, ablate_masks, ablation_settings, ablation_sweep
 from mmn.analysis.attribution import grad_attribution, target_probabilities
 from mmn.analysis.filter import InterpretableFilter
 from mmn.analysis.neurons import UnitDecoder, caption_and_attribute, unit_ranking
 from mmn.analysis.receptive_fields import unit_activation_maps
 from mmn.config import compose
+from mmn.models.encoders import load_encoder
 from mmn.models.llava import load_llava
 from mmn.models.targets import get_finder
 
@@ -38,12 +39,14 @@ def planted_dir(tmp_path_factory, save_tiny_llava, tiny_llava_sizes):
     r there that no text embedding has) and writes the unembedding direction of "circle"; layer 1
     attends uniformly, so the write reaches the position that predicts the caption. Dimension 0
     carries "circle", dimension 1 r; no other unit reads or writes either."""
+    from transformers import AutoTokenizer
+
     directory = tmp_path_factory.mktemp("planted")
     model = save_tiny_llava(directory)
     lm, projector = model.model.language_model, model.model.multi_modal_projector
     d_lm = tiny_llava_sizes.d_lm
     circle_direction, region = torch.eye(d_lm)[0], torch.eye(d_lm)[1]
-    circle = tiny_llava_sizes.words.index("circle") + 5  # after the 5 special tokens
+    circle = AutoTokenizer.from_pretrained(directory).convert_tokens_to_ids("circle")
     with torch.no_grad():
         for name, parameter in lm.named_parameters():
             if parameter.dim() == 2:
@@ -74,7 +77,7 @@ def images(n: int) -> list[Image.Image]:
     return [Image.new("RGB", (60 + 7 * i, 45), (200 - 40 * i, 30 * i, 90)) for i in range(n)]
 
 
-def test_the_captioners_input_is_what_llava_computes(llava_dir, tiny_llava_sizes):
+def test_the_captioners_input_is_what_llava_computes(llava_dir):
     from transformers import AutoProcessor, CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
 
     captioner = load_llava(llava_dir, dtype="float32")
@@ -175,8 +178,6 @@ def test_a_planted_unit_is_found_decoded_and_ablated_at_the_image_positions(plan
     # the text before the image (what "the first n positions" would partly hit) holds none of its effect
     with torch.no_grad(), ablate(lm, {PLANTED_LAYER: [PLANTED_UNIT]}):
         everywhere = target_probabilities(lm, inputs, positions, ids)
-    from mmn.analysis.ablation import ablate_masks
-
     mask = torch.zeros(lm.d_mlp, dtype=torch.bool)
     mask[PLANTED_UNIT] = True
     with torch.no_grad(), ablate_masks(lm, {PLANTED_LAYER: mask}, positions=slice(0, PREFIX)):
@@ -242,8 +243,6 @@ def test_llava_settings_are_checked_with_their_keys(llava_dir, save_tiny_beit, t
         load_captioner(compose(["model=llava", f"lm.name_or_path={llava_dir}", "encoder=shapes"],
                                config_name="analyze"))
     with pytest.raises(ValueError, match="LLaVA checkpoint: its vision tower loads together with its language"):
-        from mmn.models.encoders import load_encoder
-
         load_encoder("clip_vision", llava_dir)
     save_tiny_beit(tmp_path / "beit")
     with pytest.raises(ValueError, match="is not a LLaVA checkpoint"):
