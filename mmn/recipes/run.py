@@ -277,7 +277,7 @@ def load_llava_captioner(cfg: DictConfig, config, device: str) -> Captioner:
     one load of its weights (mmn.models.llava), with its own projector (projection.checkpoint is
     that checkpoint) or the projection the `projection` group names (a train.py folder, latest,
     null for a fresh one). The LLaVA's tower is the encoder: the encoder group must name it."""
-    from mmn.models.llava import check_llava_config, feature_layers, load_llava
+    from mmn.models.llava import feature_layers, load_llava
 
     encoder = cfg.encoder
     if encoder.kind != "clip_vision" or str(encoder.name_or_path) != str(cfg.lm.name_or_path):
@@ -285,7 +285,6 @@ def load_llava_captioner(cfg: DictConfig, config, device: str) -> Captioner:
                          f"encoder: use encoder=llava (kind clip_vision, name_or_path ${{lm.name_or_path}}), not "
                          f"encoder.kind={encoder.kind} encoder.name_or_path={encoder.name_or_path}; model=llava "
                          f"sets both")
-    check_llava_config(config, f"lm.name_or_path={cfg.lm.name_or_path}")
     options = encoder_options(encoder)
     projection = None
     if not uses_llavas_projector(cfg):
