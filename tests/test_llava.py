@@ -249,6 +249,15 @@ def test_llava_settings_are_checked_with_their_keys(llava_dir, save_tiny_beit, t
         load_llava(tmp_path / "beit")
     with pytest.raises(FileNotFoundError, match="LLaVA checkpoint not found"):
         load_llava(tmp_path / "missing")
+    import json
+
+    config = json.loads((llava_dir / "config.json").read_text())
+    for key, value, message in [("vision_feature_select_strategy", "full", "the captioner drops the CLS token"),
+                                ("projector_hidden_act", "relu", "mlp2x_gelu is LLaVA 1.5's")]:
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=f"{key}='{value}'.*{message}"):  # before any weight loads
+            load_llava(tmp_path / key)
 
 
 def test_the_papers_other_recipes_run_through_model_llava(tiny_world, planted_dir, tmp_path):
