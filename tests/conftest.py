@@ -79,8 +79,31 @@ class CaptionerSizes:
     d_lm: int = 32
 
 
+@dataclass(frozen=True)
+class TinyLlavaSizes:
+    """The sizes of `save_tiny_llava`'s LLaVA and the words of its tokenizer."""
+
+    words: tuple[str, ...] = tuple(
+        "USER ASSISTANT : . Describe the image in one sentence A picture of a red blue circle square star next to"
+        .split())
+    d_enc: int = 16  # CLIP vision tower width
+    d_lm: int = 24  # Llama width
+    d_mlp: int = 48
+    n_layers: int = 2
+    image_size: int = 42  # 42 px / 14 px patches: a 3 x 3 grid, 9 image prompts
+    patch_size: int = 14
+
+
 TINY_LM = TinyLMSizes()
 CAPTIONER = CaptionerSizes()
+TINY_LLAVA = TinyLlavaSizes()
+# LLaVA 1.5's chat template, in the form llava-hf's processors carry it (images first in a turn, then text)
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 def _build_tiny_lm(family: str):
@@ -169,6 +192,53 @@ def _save_tiny_beit(directory):
     BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(directory)
 
 
+def _save_tiny_llava(directory):
+    """Save a random LlavaForConditionalGeneration (CLIP vision tower, Llama LM, at TINY_LLAVA's sizes)
+    and its processor (a CLIP image processor that resizes and centre-crops, a word-level tokenizer with
+    BOS, "</s>" and the "<image>" token, LLaVA 1.5's chat template) into `directory`, as Hugging Face
+    saves them; returns the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    s = TINY_LLAVA
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    vocab = {token: i for i, token in enumerate([*special, *s.words])}
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.add_special_tokens(special)
+    words.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": s.image_size},
+                                         crop_size={"height": s.image_size, "width": s.image_size})
+    # num_additional_image_tokens=1: the tower's CLS, which "default" drops (as llava-hf's processors say)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=s.patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_CHAT_TEMPLATE)
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=s.d_enc, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=s.image_size, patch_size=s.patch_size,
+                                       projection_dim=16),
+        text_config=LlamaConfig(hidden_size=s.d_lm, intermediate_size=s.d_mlp, num_hidden_layers=s.n_layers,
+                                num_attention_heads=2, num_key_value_heads=2, vocab_size=len(vocab),
+                                max_position_embeddings=64, bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
+                                pad_token_id=vocab["<pad>"]),
+        image_token_index=vocab["<image>"], vision_feature_layer=-2, vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_lm():
     """Factory: tiny_lm(family) -> a fresh random Hugging Face causal LM of that family at tiny_lm_sizes."""
@@ -200,6 +270,19 @@ def save_tiny_beit():
     """Factory: save_tiny_beit(directory) saves a tiny random BEiT and its image processor, loadable
     with load_encoder("beit", directory)."""
     return _save_tiny_beit
+
+
+@pytest.fixture(scope="session")
+def save_tiny_llava():
+    """Factory: save_tiny_llava(directory) saves a tiny random LLaVA (CLIP vision tower, Llama LM) with its
+    processor and chat template, loadable with mmn.models.llava.load_llava; returns the model."""
+    return _save_tiny_llava
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_sizes() -> TinyLlavaSizes:
+    """words, d_enc, d_lm, d_mlp, n_layers, image_size and patch_size of save_tiny_llava's model."""
+    return TINY_LLAVA
 
 
 @pytest.fixture(scope="session")

@@ -80,21 +80,39 @@ def test_bad_ablations_are_named_before_any_hook(lm):
     assert all(not lm.mlp_out(layer)._forward_pre_hooks for layer in range(lm.n_layers))
 
 
-def test_first_positions_ablates_the_prompt_only(lm, tiny_lm_sizes):
-    """first_positions=n: the first n positions of a pass that holds them; a single-token pass
-    (cached generation, after the prompt) is left alone."""
+def test_positions_ablate_a_slice_of_the_sequence_also_in_a_pass_after_a_cache(lm, tiny_lm_sizes):
+    """positions=2:5 (image prompts inside a prompt, as in LLaVA's chat prompt): those positions
+    of a full pass; a pass that continues a KV cache counts its positions from the cache's end, so
+    it ablates the same sequence positions, and a pass wholly after them is left alone."""
     from mmn.analysis.ablation import ablate_masks
 
     ids = torch.randint(2, 20, (2, 7))
     clean, _ = activations(lm, ids)
+    units = [3, 40]
     mask = torch.zeros(tiny_lm_sizes.d_mlp, dtype=torch.bool)
-    mask[[3, 40]] = True
-    with ablate_masks(lm, {0: mask}, first_positions=3):
-        ablated, _ = activations(lm, ids)
-        step, _ = activations(lm, ids[:, :1])
-    assert torch.equal(ablated[0][:, :3, [3, 40]], torch.zeros(2, 3, 2))
-    assert torch.equal(ablated[0][:, 3:], clean[0][:, 3:])
-    assert torch.equal(step[0], activations(lm, ids[:, :1])[0][0])
+    mask[units] = True
+    with ablate_masks(lm, {0: mask}, positions=slice(2, 5)):
+        ablated, ablated_logits = activations(lm, ids)
+        seen = []
+        hook = lm.mlp_out(0).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            with torch.no_grad():
+                cache = lm.model(input_ids=ids[:, :4], use_cache=True).past_key_values  # positions 0..3
+                continued = lm.model(input_ids=ids[:, 4:6], past_key_values=cache, use_cache=True)  # 4, 5
+                lm.model(input_ids=ids[:, 6:], past_key_values=continued.past_key_values)  # 6
+        finally:
+            hook.remove()
+    assert torch.equal(ablated[0][:, 2:5, units], torch.zeros(2, 3, 2))
+    outside = torch.ones(7, dtype=torch.bool)
+    outside[2:5] = False
+    assert torch.equal(ablated[0][:, outside], clean[0][:, outside])
+    assert torch.equal(ablated[0][..., [0, 1, 2]], clean[0][..., [0, 1, 2]])  # other units untouched
+    # the three cached passes see what the full pass saw at their own positions
+    torch.testing.assert_close(torch.cat(seen, dim=1), ablated[0])
+    assert torch.equal(seen[1][:, 0, units], torch.zeros(2, 2)) and not torch.equal(seen[2], torch.zeros_like(seen[2]))
+    with pytest.raises(ValueError, match="positions must be a slice start:stop"):
+        with ablate_masks(lm, {0: mask}, positions=slice(None, 5)):
+            pass
 
 
 def test_sweep_equals_one_ablated_forward_and_generate_per_setting(lm, tiny_lm_sizes):

@@ -8,15 +8,17 @@ from mmn.config import CONFIG_DIR, compose
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 OPTIONS = [(group, option.stem) for group in GROUPS for option in sorted((CONFIG_DIR / group).glob("*.yaml"))]
 ANALYSIS_GROUPS = {"attribution", "layers", "filter", "ablation", "clip"}  # composed by analyze.yaml
+GLOBAL_GROUPS = {"experiment", "model"}  # `# @package _global_`: they set keys of other groups
 
 
 def test_groups_mirror_the_code():
-    assert {"lm", "encoder", "projection", "data", "world", "training", "trainer", "logger", "experiment",
+    assert {"lm", "encoder", "projection", "data", "world", "training", "trainer", "logger", *GLOBAL_GROUPS,
             *ANALYSIS_GROUPS} <= set(GROUPS)
     for preset in ["lm/gptj_6b", "lm/gpt2", "lm/pythia", "lm/llama", "encoder/beit_large",
                    "encoder/clip_rn50x16", "encoder/nfrn50", "encoder/vit_random", "data/cc3m", "data/coco",
                    "training/limber", "training/shapes", "trainer/cpu", "trainer/gpu", "trainer/ddp", "trainer/fsdp",
-                   "logger/wandb", "logger/csv", "logger/none", "experiment/limber_beit_gptj"]:
+                   "logger/wandb", "logger/csv", "logger/none", "experiment/limber_beit_gptj", "model/llava",
+                   "lm/llava_1_5_7b", "encoder/llava", "encoder/clip_vit_l14_336"]:
         assert (CONFIG_DIR / f"{preset}.yaml").is_file(), preset
 
 
@@ -26,9 +28,10 @@ def test_every_option_composes_and_resolves(group, option):
     # Resolving raises on any interpolation that does not resolve or value left missing.
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     written = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
-    if group == "experiment":  # a global recipe: the same as choosing its groups by hand
+    if group in GLOBAL_GROUPS:  # a global recipe: the same as choosing its groups by hand, plus its own keys
         choices = [f"{key.split('/')[-1]}={value}" for entry in written["defaults"] for key, value in entry.items()]
-        assert resolved == OmegaConf.to_container(compose(choices), resolve=True)
+        by_hand = OmegaConf.merge(compose(choices), {k: v for k, v in written.items() if k != "defaults"})
+        assert resolved == OmegaConf.to_container(by_hand, resolve=True)
         return
     keys = set(written) - {"defaults"}
     if "defaults" in written:  # extends another option of its group

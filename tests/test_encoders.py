@@ -241,3 +241,48 @@ def test_timm_vit_patch_tokens():
     torch.testing.assert_close(tokens, features[:, 1:])
     squashed = load_encoder("timm", "vit_tiny_patch16_224", pretrained=False, resize_mode="squash")
     assert squashed.preprocess([striped_image(400, 200)])[0, 0, 112, 223] > 0  # right edge kept
+
+
+# ----- CLIP vision tower (Hugging Face; LLaVA 1.5's) ------------------------------------------
+
+
+def test_clip_vision_tokens_are_a_hidden_layers_patches_and_preprocessing_is_clips(tmp_path):
+    """A CLIPModel folder (text tower and all, as openai/clip-vit-large-patch14-336 is published):
+    hidden state -2 without CLS, or several layers side by side; the processor's resize + centre
+    crop; errors that name the layer, a padding processor and a folder that is no CLIP."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPImageProcessorPil, CLIPModel
+
+    config = CLIPConfig(vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3,
+                                       "num_attention_heads": 2, "image_size": 56, "patch_size": 14},
+                        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2, "vocab_size": 50}, projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(
+        tmp_path / "clip")
+    encoder = load_encoder("clip_vision", tmp_path / "clip")  # feature_layer -2, LLaVA 1.5's
+    assert (encoder.n_tokens, encoder.width, encoder.grid, encoder.resize_mode) == (16, 16, (4, 4), "center_crop")
+    assert_frozen(encoder)
+    images = random_images(2, size=(90, 60))
+    pixels = encoder.preprocess(images)
+    expected = CLIPImageProcessorPil.from_pretrained(tmp_path / "clip")(images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, expected, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        hidden = encoder.model(pixel_values=pixels, output_hidden_states=True).hidden_states  # 1 + 3 layers
+        tokens = encoder(pixels)
+        both = load_encoder("clip_vision", tmp_path / "clip", feature_layer=[-2, -1])(pixels)
+    assert len(hidden) == 4 and tokens.shape == (2, 16, 16)
+    torch.testing.assert_close(tokens, hidden[2][:, 1:])  # the second-to-last block's output, CLS dropped
+    torch.testing.assert_close(both, torch.cat([hidden[2][:, 1:], hidden[3][:, 1:]], dim=-1))
+    assert load_encoder("clip_vision", tmp_path / "clip", resize_mode="squash").resize_mode == "squash"
+
+    with pytest.raises(ValueError, match="feature_layer=4: the CLIP vision tower has hidden states -4..3"):
+        load_encoder("clip_vision", tmp_path / "clip", feature_layer=4)
+    CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                       do_pad=True).save_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match="pads images to a square"):
+        load_encoder("clip_vision", tmp_path / "clip")
+    BeitModel(BeitConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         image_size=32, patch_size=16)).save_pretrained(tmp_path / "beit")
+    with pytest.raises(ValueError, match="holds a 'beit' model, not a CLIP vision tower"):
+        load_encoder("clip_vision", tmp_path / "beit")

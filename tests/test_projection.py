@@ -112,30 +112,16 @@ def test_mlp2x_gelu_is_linear_gelu_linear_on_every_token():
         Projection(64, 48, kind="mlp2x_gelu", n_out_tokens=2)
 
 
-def tiny_llava(directory):
-    """A random LlavaForConditionalGeneration (CLIP vision tower, Llama LM), saved as Hugging Face does."""
-    import mmn  # noqa: F401  (torchvision on CPU torch, before transformers' vision classes)
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=32, patch_size=16, projection_dim=16),
-        text_config=LlamaConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                                num_key_value_heads=2, vocab_size=64), image_token_index=63)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.save_pretrained(directory)
-    return model
-
-
-def test_llavas_projector_loads_from_its_checkpoint_and_computes_what_llava_computes(tmp_path):
-    model = tiny_llava(tmp_path / "llava")
+def test_llavas_projector_loads_from_its_checkpoint_and_computes_what_llava_computes(tmp_path, save_tiny_llava):
+    model = save_tiny_llava(tmp_path / "llava")
     projection = Projection.from_llava_checkpoint(tmp_path / "llava").eval()
     assert (projection.kind, projection.d_enc, projection.d_lm) == ("mlp2x_gelu", 16, 24)
     features = torch.randn(2, 4, 16)  # [batch, patches, vision width]
+    from_module = Projection.from_llava_projector(model.model.multi_modal_projector).eval()  # a loaded model's
     with torch.no_grad():
         torch.testing.assert_close(projection(features), model.model.multi_modal_projector(features),
                                    rtol=1e-6, atol=1e-6)
+        assert torch.equal(from_module(features), projection(features))
     # one .safetensors file works too; a file without the projector is named
     assert Projection.from_llava_checkpoint(tmp_path / "llava" / "model.safetensors").d_lm == 24
     from safetensors.torch import save_file
@@ -147,12 +133,12 @@ def test_llavas_projector_loads_from_its_checkpoint_and_computes_what_llava_comp
         Projection.from_llava_checkpoint(tmp_path / "empty_folder_that_is_missing")
 
 
-def test_the_recipes_read_each_kind_of_checkpoint(tmp_path):
+def test_the_recipes_read_each_kind_of_checkpoint(tmp_path, save_tiny_llava):
     from omegaconf import OmegaConf
 
     from mmn.recipes.run import load_projection
 
-    tiny_llava(tmp_path / "llava")
+    save_tiny_llava(tmp_path / "llava")
     Projection(16, 24, kind="linear").save(tmp_path / "saved")
     torch.save(nn.Linear(16, 24).state_dict(), tmp_path / "proj.ckpt")
 

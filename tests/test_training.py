@@ -86,7 +86,8 @@ def test_loss_is_cross_entropy_of_caption_tokens_only(module):
 def test_with_prompt_puts_the_captioning_prompt_between_image_and_caption_unscored(module):
     module.eval()
     items, batch = caption_batch(module, ["a red circle", "two stars"])
-    prompt_ids = module.captioner.prompt_ids
+    prompt_ids = module.captioner.suffix_ids  # LiMBeR's layout: no prefix, "A picture of" after the image
+    assert len(module.captioner.prefix_ids) == 0
     lm = module.captioner.language_model
     total, count = 0.0, 0
     for item in items:

@@ -15,8 +15,9 @@ every forward pass inside the block (the prompt pass and each generated token):
 
 Which positions the paper ablates is not stated. All positions (the default) is the choice that
 also holds during generation with a KV cache, where each new token arrives alone;
-`first_positions=n` ablates the image prompts only. For GPT-J, zeroing A is zeroing
-act(Z) = GELU(Z), the same as setting the pre-activation Z to zero (GELU(0) = 0).
+`positions=captioner.image_positions` ablates the image prompts only (positions 0..n-1 in LiMBeR's
+layout, inside the chat prompt for LLaVA). For GPT-J, zeroing A is zeroing act(Z) = GELU(Z), the
+same as setting the pre-activation Z to zero (GELU(0) = 0).
 """
 
 from __future__ import annotations
@@ -60,11 +61,13 @@ def ablate(lm: LanguageModel, units: Mapping[int, Sequence[int] | Tensor], mode:
 
 @contextmanager
 def ablate_masks(lm: LanguageModel, masks: Mapping[int, Tensor], mode: str = "zero",
-                 means: Mapping[int, Tensor] | None = None, first_positions: int | None = None) -> Iterator[None]:
+                 means: Mapping[int, Tensor] | None = None, positions: slice | None = None) -> Iterator[None]:
     """Ablate by boolean masks: masks[layer] is [d_mlp] (the same units in every row) or
     [rows, d_mlp] (each row of the batch its own units, so many ablations run in one pass).
-    `first_positions=n` ablates the first n positions only (the image prompts): in passes that
-    hold them; the single-token passes of cached generation come after them and are left alone."""
+    `positions` (a slice of the sequence, e.g. Captioner.image_positions) ablates those positions
+    only. A pass that continues a KV cache starts where the cache ends, so its positions are
+    counted from there: the teacher-forced caption and the single-token steps of cached
+    generation come after the image prompts and are left alone."""
     if mode not in MODES:
         raise ValueError(f"ablate: unknown mode {mode!r}: use one of {MODES}")
     plan = {}  # module -> (mask [rows or 1, 1, d_mlp], replacement [d_mlp] or None for zero)
@@ -85,18 +88,23 @@ def ablate_masks(lm: LanguageModel, masks: Mapping[int, Tensor], mode: str = "ze
         values = None if values is None else values.to(lm.device, lm.dtype)
         plan[lm.mlp_out(layer)] = (mask.reshape(-1, 1, lm.d_mlp).to(lm.device), values)
 
+    if positions is not None and (positions.step not in (None, 1) or positions.start is None
+                                  or positions.stop is None):
+        raise ValueError(f"ablate: positions must be a slice start:stop of the sequence, got {positions}")
+
     def replace(module, args):
         mask, values = plan[module]
         activation = args[0]  # [rows, pos, d_mlp]
-        if first_positions is not None:
-            if activation.shape[1] < first_positions:
-                return None  # a cached generation step, after the ablated positions
-            in_prompt = torch.arange(activation.shape[1], device=activation.device) < first_positions  # [pos]
-            mask = mask & in_prompt[:, None]  # [rows or 1, pos, d_mlp]
+        if positions is not None:
+            sequence = torch.arange(activation.shape[1], device=activation.device) + pass_start()  # [pos]
+            inside = (sequence >= positions.start) & (sequence < positions.stop)  # [pos]
+            if not inside.any():
+                return None  # e.g. a cached generation step, after the ablated positions
+            mask = mask & inside[:, None]  # [rows or 1, pos, d_mlp]
         value = torch.zeros((), dtype=activation.dtype, device=activation.device) if values is None else values
         return (torch.where(mask, value, activation), *args[1:])
 
-    with lm.hooks(pre=[(module, replace) for module in plan]):
+    with lm.pass_start() as pass_start, lm.hooks(pre=[(module, replace) for module in plan]):
         yield
 
 
@@ -216,7 +224,7 @@ def probability_and_caption(lm: LanguageModel, inputs_embeds: Tensor, n_prompt: 
 def ablation_sweep(lm: LanguageModel, inputs_embeds: Tensor, target_positions: Tensor, target_ids: Tensor,
                    settings: Sequence[Sequence[tuple[str, int, Tensor]]], layers: Iterable[int], mode: str = "zero",
                    means: Mapping[int, Tensor] | None = None, n_prompt: int | None = None,
-                   max_new_tokens: int = 20, rows_per_pass: int = 24, first_positions: int | None = None
+                   max_new_tokens: int = 20, rows_per_pass: int = 24, positions: slice | None = None
                    ) -> list[list[dict]]:
     """p(c) and, when `n_prompt` is given, the re-generated greedy caption under each setting of
     each image: settings[i] are image i's (arm, k, units) (ablation_settings).
@@ -244,7 +252,7 @@ def ablation_sweep(lm: LanguageModel, inputs_embeds: Tensor, target_positions: T
         images = torch.tensor([image for image, _ in chunk])
         masks = setting_masks([units for _, units in chunk], layers, lm.d_mlp)
         batch = inputs_embeds[images]  # [rows, pos, d_lm]
-        with ablate_masks(lm, masks, mode, means, first_positions):
+        with ablate_masks(lm, masks, mode, means, positions):
             if n_prompt is None:
                 p_target += target_probabilities(lm, batch, target_positions[images], target_ids[images]).tolist()
             else:

@@ -1,6 +1,7 @@
 """Captions and targets: each image's greedy caption, its target token c, and p(c).
 
-    pixels --captioner-->  prompt = image prompts + "A picture of"      [batch, n_prompt, d_lm]
+    pixels --captioner-->  prompt (image prompts in the captioning prompt, e.g. image prompts +
+                           "A picture of")                               [batch, n_prompt, d_lm]
            --greedy-->     caption token ids
            --first noun--> c = the noun's first token, at caption index i
     inputs  = prompt ++ embed(caption[:i])                              [kept, n_prompt + max i, d_lm]
@@ -30,7 +31,7 @@ class CaptionTargets:
     inputs_embeds: Tensor  # [kept, pos, d_lm]: prompt + caption up to c, right-padded
     target_positions: Tensor  # [kept]
     target_ids: Tensor  # [kept]
-    n_prompt: int  # positions of the prompt: image prompts first, then "A picture of"
+    n_prompt: int  # positions of the captioning prompt (the image prompts at Captioner.image_positions)
 
 
 def untargeted_row(caption: str = "", skip_reason: str | None = None) -> dict:

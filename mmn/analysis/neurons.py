@@ -36,7 +36,7 @@ def caption_and_attribute(captioner: Captioner, pixels: Tensor, finder: FirstNou
     scores = {}
     if targets.kept:
         every = attribute(captioner.lm, method, targets.inputs_embeds, targets.target_positions, targets.target_ids,
-                          layers, slice(0, captioner.n_image_tokens), **options)  # [kept, L, n_image, d_mlp]
+                          layers, captioner.image_positions, **options)  # [kept, L, n_image, d_mlp]
         for i, b in enumerate(targets.kept):
             image_scores = every[i].float()
             if torch.isfinite(image_scores).all():

@@ -44,12 +44,12 @@ def _as_units(units, where: str) -> Tensor:
 @torch.no_grad()
 def unit_activation_maps(captioner, pixels: Tensor, units: Tensor | Sequence[tuple[int, int]]) -> Tensor:
     """A of each (layer, unit) in `units` ([n_units, 2]) at the image prompts of one forward pass
-    over the captioning prompt (image prompts + "A picture of"), on the patch grid:
+    over the captioning prompt (Captioner.input_embeddings), on the patch grid:
     pixels [batch, 3, H, W] -> [batch, n_units, grid_h, grid_w] float32 on the CPU.
 
     Image prompt i is patch i in the encoder's row-major order (encoders.py: row i // cols,
-    column i % cols), so a plain reshape puts every value on its patch. The text prompt's
-    positions are not read: they have no patch of their own."""
+    column i % cols) at position image_positions.start + i, so a plain reshape puts every value on
+    its patch. The text prompt's positions are not read: they have no patch of their own."""
     lm, encoder = captioner.lm, captioner.encoder
     units = _as_units(units, "unit_activation_maps")
     if encoder.grid is None:
@@ -65,12 +65,13 @@ def unit_activation_maps(captioner, pixels: Tensor, units: Tensor | Sequence[tup
         raise ValueError(f"unit_activation_maps: the LM has layers 0..{lm.n_layers - 1} and units "
                          f"0..{lm.d_mlp - 1}, got (layer, unit) {bad.tolist()[:5]}")
 
+    image = captioner.image_positions  # the image prompts' positions in the captioning prompt
     maps = torch.empty(len(pixels), len(units), n_image)  # [batch, n_units, n_image]
     rows_of_layer = {layer: (units[:, 0] == layer).nonzero().flatten() for layer in units[:, 0].unique().tolist()}
 
     def record(module, args, layer):
         rows = rows_of_layer[layer]
-        activation = args[0][:, :n_image, units[rows, 1].to(args[0].device)]  # [batch, n_image, n_rows]
+        activation = args[0][:, image, units[rows, 1].to(args[0].device)]  # [batch, n_image, n_rows]
         maps[:, rows] = activation.transpose(1, 2).float().cpu()
 
     with lm.hooks(pre=[(lm.mlp_out(layer), partial(record, layer=layer)) for layer in rows_of_layer]):
@@ -139,7 +140,8 @@ def object_ious(captioner, items: Sequence[dict], units_per_image: Sequence, qua
         raise ValueError(f"object_ious: {len(units_per_image)} unit sets for {len(items)} images: give one per image")
     if captioner.encoder.resize_mode != "squash":
         raise ValueError(f"object_ious: the encoder uses resize_mode={captioner.encoder.resize_mode!r}; receptive "
-                         "fields on the whole image need load_encoder(..., resize_mode='squash')")
+                         "fields on the whole image need load_encoder(..., resize_mode='squash') (in a config: "
+                         "encoder.resize_mode=squash, e.g. for LLaVA's CLIP tower)")
     kept, skipped = [], []  # kept: (item, category, mask, units)
     for item, units in zip(items, units_per_image):
         objects = [(category, mask) for category, masks in item["masks"].items() for mask in masks]

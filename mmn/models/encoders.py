@@ -11,6 +11,9 @@ maps to image prompts, one prompt per token (or k prompts from the pooled vector
                 feature map before attnpool; ViT patch tokens           384 px, resize + centre crop
     timm        CNNs (NF-ResNet50): pooled pre-logits vector, 1 token;  nf_resnet50: 1 x 2048
                 ViTs: patch tokens of forward_features
+    clip_vision HF CLIPVisionModel: patch tokens of one hidden layer     openai/clip-vit-large-patch14-336 (LLaVA
+                (default -2), CLS dropped, as LLaVA 1.5 reads them      1.5's tower): 576 x 1024 (24 x 24), 336 px,
+                                                                        resize + centre crop
 
 Pixel geometry. Patch-level analyses (receptive fields vs. object masks) need to know
 which source pixels each token saw, so each encoder states its geometry:
@@ -58,14 +61,15 @@ from mmn.files import looks_like_local_path
 
 log = logging.getLogger(__name__)
 
-KINDS = ("beit", "open_clip", "timm")
+KINDS = ("beit", "open_clip", "timm", "clip_vision")
 RESIZE_MODES = ("squash", "center_crop")
 # the file a local model folder of each kind holds (timm loads models by name only)
-CONFIG_FILES = {"beit": "config.json", "open_clip": "open_clip_config.json"}
+CONFIG_FILES = {"beit": "config.json", "open_clip": "open_clip_config.json", "clip_vision": "config.json"}
 DEFAULT_NAMES = {
     "beit": "microsoft/beit-large-patch16-224-pt22k",
     "open_clip": "RN50x16",
     "timm": "nf_resnet50",
+    "clip_vision": "openai/clip-vit-large-patch14-336",
 }
 PIL_RESAMPLE = {
     "nearest": PIL.Image.Resampling.NEAREST,
@@ -412,6 +416,95 @@ def _load_timm(name: str, pretrained: bool, resize_mode, dtype: torch.dtype, **k
     return TimmEncoder(model.to(dtype), resize_mode=resize_mode)
 
 
+# ----- CLIP vision tower (Hugging Face): LLaVA 1.5's encoder --------------------------------
+
+
+class ClipVisionEncoder(ImageEncoder):
+    """HF `CLIPVisionModel`: the patch tokens of hidden layer `feature_layer`, CLS dropped, which is
+    what LLaVA 1.5 feeds its projector (`vision_feature_layer=-2`, the second-to-last block's output,
+    with `vision_feature_select_strategy="default"`). Hidden state 0 is the patch embeddings after
+    CLIP's pre-layernorm, hidden state i the output of block i; the post-layernorm only touches the
+    pooled CLS output and is never part of these tokens. A list of layers concatenates their
+    tokens along the width, as LLaVA does. ViT-L/14 at 336 px: [batch, 576, 1024], a 24 x 24 grid.
+
+    Geometry comes from the image processor (CLIPImageProcessor: shorter side to `size`, centre crop
+    to `crop_size`, bicubic, OpenAI's mean and std), as LLaVA's processor prepares images;
+    resize_mode="squash" resizes the whole image instead (receptive fields need it). A processor
+    that pads images to a square first (`do_pad`) is refused: that geometry is not reproduced."""
+
+    def __init__(self, model: nn.Module, processor=None, *, feature_layer: int | Sequence[int] = -2,
+                 resize_mode: str | None = None):
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        config = model.config
+        side = config.image_size
+        layers = [feature_layer] if isinstance(feature_layer, int) else [int(layer) for layer in feature_layer]
+        n_hidden = config.num_hidden_layers + 1  # the embeddings, then each block's output
+        bad = [layer for layer in layers if not -n_hidden <= layer < n_hidden]
+        if not layers or bad:
+            raise ValueError(f"feature_layer={feature_layer}: the CLIP vision tower has hidden states "
+                             f"{-n_hidden}..{n_hidden - 1} (0: the embeddings)")
+        if processor is None:  # no saved processor: CLIP's own eval transform at the model's size
+            mean, std, resample, rescale, mode, shortest = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "bicubic", 1 / 255, \
+                "center_crop", side
+        else:
+            if getattr(processor, "do_pad", False):
+                raise ValueError(f"the image processor {type(processor).__name__} pads images to a square "
+                                 "(do_pad=True), which mmn does not reproduce; use a processor that resizes and "
+                                 "crops (LLaVA 1.5's CLIPImageProcessor) or resize_mode=squash")
+            crop = (processor.crop_size.get("height"), processor.crop_size.get("width")) \
+                if processor.do_center_crop else (processor.size.get("height"), processor.size.get("width"))
+            if crop != (side, side):
+                raise ValueError(f"the image processor makes {crop[0]} x {crop[1]} images but the CLIP vision "
+                                 f"tower takes {side} x {side}")
+            mode = "center_crop" if processor.do_center_crop else "squash"
+            shortest = processor.size.get("shortest_edge") or side
+            mean = processor.image_mean if processor.do_normalize else (0.0, 0.0, 0.0)
+            std = processor.image_std if processor.do_normalize else (1.0, 1.0, 1.0)
+            resample, rescale = processor.resample, processor.rescale_factor if processor.do_rescale else 1.0
+        grid = (side // config.patch_size, side // config.patch_size)
+        super().__init__(
+            model,
+            n_tokens=grid[0] * grid[1],
+            width=config.hidden_size * len(layers),
+            grid=grid,
+            image_size=(side, side),
+            mean=mean,
+            std=std,
+            resample=resample,
+            resize_mode=resize_mode or mode,
+            resize_shortest=shortest,
+            rescale_factor=rescale,
+        )
+        self.feature_layers = layers
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """[batch, 3, H, W] -> [batch, n_patches, hidden * n_layers] (CLS dropped)."""
+        hidden = self.model(pixel_values=self._check_pixels(pixels), output_hidden_states=True).hidden_states
+        return torch.cat([hidden[layer][:, 1:] for layer in self.feature_layers], dim=-1)  # each [batch, n, d]
+
+
+def _load_clip_vision(name_or_path: str, pretrained: bool, resize_mode, dtype: torch.dtype,
+                      feature_layer: int | Sequence[int] = -2) -> ClipVisionEncoder:
+    from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel
+
+    source = _resolve_local(str(name_or_path), "CLIP vision")
+    config = AutoConfig.from_pretrained(source)
+    if config.model_type == "llava":
+        raise ValueError(f"{source} is a LLaVA checkpoint: its vision tower loads together with its language "
+                         "model, from one copy of the weights (model=llava; mmn.models.llava.load_llava)")
+    if config.model_type not in ("clip", "clip_vision_model"):
+        raise ValueError(f"{source} holds a {config.model_type!r} model, not a CLIP vision tower")
+    if pretrained:
+        model = CLIPVisionModel.from_pretrained(source, dtype=dtype)
+    else:
+        model = CLIPVisionModel(getattr(config, "vision_config", config)).to(dtype)
+    local = Path(source).is_dir()
+    has_processor = (Path(source) / "preprocessor_config.json").is_file() if local else pretrained
+    processor = AutoImageProcessor.from_pretrained(source) if has_processor else None
+    return ClipVisionEncoder(model, processor, feature_layer=feature_layer, resize_mode=resize_mode)
+
+
 # ----- the one entry point ----------------------------------------------------------------
 
 
@@ -439,18 +532,20 @@ def load_encoder(
     """Load a frozen image encoder.
 
     Args:
-        kind: "beit", "open_clip" or "timm".
+        kind: "beit", "open_clip", "timm" or "clip_vision".
         name_or_path: hub id or local directory (beit; with pretrained=False also a BeitConfig or a
             dict of its fields), open_clip model name / "hf-hub:..." / "local-dir:..." / a directory
-            in open_clip's hub layout, timm model name. None takes the LiMBeR preset of the kind:
+            in open_clip's hub layout, timm model name, clip_vision hub id or directory of a CLIP or
+            CLIPVisionModel. None takes the preset of the kind: LiMBeR's
             microsoft/beit-large-patch16-224-pt22k (196 x 1024), RN50x16 (144 x 3072),
-            nf_resnet50 (1 x 2048).
+            nf_resnet50 (1 x 2048), and LLaVA 1.5's openai/clip-vit-large-patch14-336 (576 x 1024).
         pretrained: load weights; False builds a random-initialised model of the same shape.
         resize_mode: None keeps each kind's own geometry (beit "squash", open_clip and timm their
             eval transforms, usually "center_crop"); "squash" forces a squash resize (no crop).
         dtype, device: of the parameters.
         tag: open_clip pretrained tag for built-in names (LiMBeR's RN50x16 is OpenAI's: "openai").
-        **kwargs: passed to `open_clip.create_model` / `timm.create_model`.
+        **kwargs: passed to `open_clip.create_model` / `timm.create_model`; clip_vision takes
+            `feature_layer` (default -2, LLaVA 1.5's; a list concatenates layers).
     """
     from mmn.models.lm import resolve_dtype
 
@@ -470,6 +565,11 @@ def load_encoder(
         encoder = _load_beit(name_or_path, pretrained, resize_mode or "squash", torch_dtype)
     elif kind == "open_clip":
         encoder = _load_open_clip(name_or_path, pretrained, resize_mode, torch_dtype, tag, **kwargs)
+    elif kind == "clip_vision":
+        unexpected = sorted(set(kwargs) - {"feature_layer"})
+        if unexpected:
+            raise ValueError(f"unexpected arguments for a CLIP vision encoder: {unexpected}")
+        encoder = _load_clip_vision(name_or_path, pretrained, resize_mode, torch_dtype, **kwargs)
     else:
         encoder = _load_timm(name_or_path, pretrained, resize_mode, torch_dtype, **kwargs)
     return encoder.to(device)

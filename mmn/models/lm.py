@@ -304,6 +304,21 @@ class LanguageModel:
             for handle in handles:
                 handle.remove()
 
+    @contextmanager
+    def pass_start(self) -> Iterator[Callable[[], int]]:
+        """Inside the block, the function yielded says where the running forward pass starts in the
+        sequence: 0 for a pass without a KV cache, the cache's length for one that continues it
+        (final_hidden_after, each step of cached generation). Hooks that act on sequence positions
+        read it to find their positions in any pass."""
+        start = [0]
+
+        def record(module, args, kwargs):
+            cache = kwargs.get("past_key_values")
+            start[0] = 0 if cache is None else cache.get_seq_length()
+
+        with self.hooks(pre_with_kwargs=[(self.model.base_model, record)]):
+            yield lambda: start[0]
+
     def final_hidden(self, inputs_embeds: Tensor) -> Tensor:
         """The residual stream after the final norm, no KV cache kept:
         inputs_embeds [rows, pos, d_model] -> [rows', pos, d_model].

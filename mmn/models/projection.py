@@ -37,6 +37,8 @@ from mmn.files import atomic_write, write_text
 
 KINDS = ("linear", "pooled", "mlp2x_gelu")
 PER_TOKEN = ("linear", "mlp2x_gelu")  # one image prompt per encoder token
+# LLaVA's multi_modal_projector: linear_1 [d_lm, d_enc] -> GELU -> linear_2 [d_lm, d_lm]
+LLAVA_PROJECTOR_TENSORS = tuple(f"linear_{i}.{name}" for i in (1, 2) for name in ("weight", "bias"))
 WEIGHTS_FILE = "projection.safetensors"
 CONFIG_FILE = "projection.json"
 
@@ -150,20 +152,35 @@ class Projection(nn.Module):
         if not files:
             raise FileNotFoundError(f"LLaVA checkpoint not found: {path} is neither a .safetensors file nor a "
                                     f"folder holding them")
-        wanted = [f"linear_{i}.{name}" for i in (1, 2) for name in ("weight", "bias")]
         state = {}
         for file in files:
             with safe_open(str(file), framework="pt") as tensors:
                 for key in tensors.keys():
                     head, _, tail = key.rpartition("multi_modal_projector.")
-                    if _ and tail in wanted:
+                    if _ and tail in LLAVA_PROJECTOR_TENSORS:
                         state[tail] = tensors.get_tensor(key)
-        missing = [name for name in wanted if name not in state]
+        return cls._from_llava_tensors(state, str(path), dropout)
+
+    @classmethod
+    def from_llava_projector(cls, projector: nn.Module, dropout: float = 0.0) -> Projection:
+        """LLaVA's projector from a loaded model's `multi_modal_projector` module (the LLaVA captioner
+        takes it so, from the one copy of the weights it loaded): the same tensors as
+        `from_llava_checkpoint` reads from the files, copied into a ``mlp2x_gelu`` projection (whose
+        GELU is the exact one: the caller checks the model's projector_hidden_act)."""
+        state = {name: tensor.detach() for name, tensor in projector.state_dict().items()}
+        return cls._from_llava_tensors(state, type(projector).__name__, dropout)
+
+    @classmethod
+    def _from_llava_tensors(cls, state: dict[str, Tensor], where: str, dropout: float) -> Projection:
+        """linear_{1,2}.{weight,bias} tensors of a LLaVA projector -> a float32 ``mlp2x_gelu``
+        projection; `where` names their source in errors."""
+        missing = [name for name in LLAVA_PROJECTOR_TENSORS if name not in state]
         if missing:
-            raise KeyError(f"{path}: no multi_modal_projector tensors {missing}; is it a LLaVA checkpoint?")
+            raise KeyError(f"{where}: no multi_modal_projector tensors {missing}; is it a LLaVA checkpoint?")
         d_lm, d_enc = state["linear_1.weight"].shape
         if tuple(state["linear_2.weight"].shape) != (d_lm, d_lm):
-            raise ValueError(f"{path}: linear_2.weight is {tuple(state['linear_2.weight'].shape)}, not [{d_lm}, {d_lm}]")
+            raise ValueError(f"{where}: linear_2.weight is {tuple(state['linear_2.weight'].shape)}, "
+                             f"not [{d_lm}, {d_lm}]")
         projection = cls(d_enc, d_lm, kind="mlp2x_gelu", dropout=dropout)
         projection.linear.load_state_dict({"weight": state["linear_1.weight"], "bias": state["linear_1.bias"]})
         projection.linear_2.load_state_dict({"weight": state["linear_2.weight"], "bias": state["linear_2.bias"]})

@@ -126,12 +126,11 @@ def analyze_batch(captioner: Captioner, images: list[dict], skipped: list[dict],
                                           seeded(cfg.seed, row["image_id"])))
     if scores:
         index = torch.tensor(list(scores))
-        n_image = captioner.n_image_tokens
         results = ablation_sweep(lm, targets.inputs_embeds[index], targets.target_positions[index],
                                  targets.target_ids[index], settings, layers, cfg.ablation.mode, means,
                                  n_prompt=targets.n_prompt, max_new_tokens=cfg.max_new_tokens,
                                  rows_per_pass=cfg.ablation.rows_per_pass,
-                                 first_positions=n_image if cfg.ablation.positions == "image" else None)
+                                 positions=captioner.image_positions if cfg.ablation.positions == "image" else None)
         for i, image_results in zip(scores, results):
             row = targets.rows[targets.kept[i]]
             for result in image_results:

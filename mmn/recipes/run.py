@@ -224,6 +224,12 @@ def latest_analysis(cfg: DictConfig) -> Path:
     return found.parent
 
 
+def uses_llavas_projector(cfg: DictConfig) -> bool:
+    """projection.checkpoint names the LLaVA checkpoint the LM comes from (model=llava): the
+    captioner takes that LLaVA's own projector, from the weights the LM loads anyway."""
+    return cfg.projection.checkpoint is not None and str(cfg.projection.checkpoint) == str(cfg.lm.name_or_path)
+
+
 def load_projection(projection: DictConfig, d_enc: int, d_lm: int) -> Projection:
     """A saved projection (a folder with projection.json), LLaVA's projector (a LLaVA checkpoint
     folder or .safetensors file), LiMBeR's `proj.ckpt`, or a fresh one when `checkpoint` is null."""
@@ -238,20 +244,56 @@ def load_projection(projection: DictConfig, d_enc: int, d_lm: int) -> Projection
     return Projection.from_limber_checkpoint(path, dropout=projection.dropout)
 
 
+def encoder_options(encoder: DictConfig) -> dict:
+    """The encoder group's keys beyond kind, name_or_path and pretrained (clip_vision's feature_layer,
+    resize_mode), as load_encoder's keyword arguments; null ones keep the loader's default."""
+    options = OmegaConf.to_container(encoder, resolve=True)
+    return {key: value for key, value in options.items()
+            if key not in ("kind", "name_or_path", "pretrained") and value is not None}
+
+
 def load_captioner(cfg: DictConfig, device: str = "cpu") -> Captioner:
-    """The captioner of the `encoder`, `projection` and `lm` groups. Widths are checked from the
-    LM's config before its weights load, so a mismatch is said in seconds, not after loading a
-    6B model."""
+    """The captioner of the `encoder`, `projection` and `lm` groups, or of a LLaVA checkpoint when
+    lm.name_or_path is one (load_llava_captioner). Widths are checked from the LM's config before its
+    weights load, so a mismatch is said in seconds, not after loading a 6B model."""
     from transformers import AutoConfig
 
-    encoder = load_encoder(cfg.encoder.kind, cfg.encoder.name_or_path, pretrained=cfg.encoder.pretrained)
-    lm_width = AutoConfig.from_pretrained(cfg.lm.name_or_path, revision=cfg.lm.revision).hidden_size
+    lm_config = AutoConfig.from_pretrained(cfg.lm.name_or_path, revision=cfg.lm.revision)
+    if lm_config.model_type == "llava":
+        return load_llava_captioner(cfg, lm_config, device)
+    encoder = load_encoder(cfg.encoder.kind, cfg.encoder.name_or_path, pretrained=cfg.encoder.pretrained,
+                           **encoder_options(cfg.encoder))
+    lm_width = lm_config.hidden_size
     projection = load_projection(cfg.projection, encoder.width, lm_width)
     check_widths(encoder.width, projection, lm_width, where=f" between encoder={cfg.encoder.name_or_path}, "
                  f"projection={cfg.projection.checkpoint} and lm={cfg.lm.name_or_path}")
     lm = LanguageModel.from_pretrained(cfg.lm.name_or_path, dtype=cfg.lm.dtype, revision=cfg.lm.revision,
                                        device=device)
     return Captioner(encoder, projection, lm).to(device).eval()
+
+
+def load_llava_captioner(cfg: DictConfig, config, device: str) -> Captioner:
+    """model=llava: the vision tower, LM and processor of the LLaVA checkpoint lm.name_or_path, from
+    one load of its weights (mmn.models.llava), with its own projector (projection.checkpoint is
+    that checkpoint) or the projection the `projection` group names (a train.py folder, latest,
+    null for a fresh one). The LLaVA's tower is the encoder: the encoder group must name it."""
+    from mmn.models.llava import feature_layers, load_llava
+
+    encoder = cfg.encoder
+    if encoder.kind != "clip_vision" or str(encoder.name_or_path) != str(cfg.lm.name_or_path):
+        raise ValueError(f"lm.name_or_path={cfg.lm.name_or_path} is a LLaVA checkpoint, whose vision tower is the "
+                         f"encoder: use encoder=llava (kind clip_vision, name_or_path ${{lm.name_or_path}}), not "
+                         f"encoder.kind={encoder.kind} encoder.name_or_path={encoder.name_or_path}; model=llava "
+                         f"sets both")
+    options = encoder_options(encoder)
+    projection = None
+    if not uses_llavas_projector(cfg):
+        d_enc = config.vision_config.hidden_size * len(feature_layers(config, options.get("feature_layer")))
+        projection = load_projection(cfg.projection, d_enc, config.text_config.hidden_size)
+    return load_llava(cfg.lm.name_or_path, dtype=cfg.lm.dtype, revision=cfg.lm.revision, device=device,
+                      instruction=cfg.lm.instruction, answer_start=cfg.lm.answer_start,
+                      feature_layer=options.get("feature_layer"), resize_mode=options.get("resize_mode"),
+                      projection=projection)
 
 
 def image_batches(n_images: int, batch_size: int) -> list[list[int]]:
@@ -289,7 +331,8 @@ class Run:
         if cfg.projection.checkpoint == "latest":
             with open_dict(cfg):
                 cfg.projection.checkpoint = str(latest_projection(cfg))
-        elif cfg.projection.checkpoint is not None and not Path(cfg.projection.checkpoint).exists():
+        elif (cfg.projection.checkpoint is not None and not uses_llavas_projector(cfg)
+              and not Path(cfg.projection.checkpoint).exists()):
             raise FileNotFoundError(f"projection.checkpoint={cfg.projection.checkpoint}: no such folder or file; "
                                     f"pass a folder train.py wrote, LiMBeR's proj.ckpt, or latest")
         self.images = CocoImages(cfg.data.eval.root, cfg.data.eval.split, image_size=None, masks=masks)

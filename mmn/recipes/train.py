@@ -70,14 +70,17 @@ def accumulation(training: DictConfig, processes: int) -> int:
 
 
 def check_context_length(captioner: Captioner, training: DictConfig) -> None:
-    """Image prompts + caption (training) and image prompts + "A picture of" + caption (validation)
-    must fit the LM's context; say so before the first step, not as an index error inside it."""
+    """Image prompts (with the captioning prompt around them when training.with_prompt) + caption
+    (training) and the captioning prompt + caption (validation) must fit the LM's context; say so
+    before the first step, not as an index error inside it."""
     context = captioner.lm.context_length
-    n_image = captioner.projection.n_prompt_tokens(captioner.encoder.n_tokens)
-    needed = n_image + max(training.max_caption_tokens + 1, len(captioner.prompt_ids) + training.caption_tokens)
+    n_image = captioner.n_image_tokens
+    text_prompt = captioner.n_prompt - n_image  # the prompt's text positions, before and after the image
+    needed = n_image + max(training.max_caption_tokens + 1 + (text_prompt if training.with_prompt else 0),
+                           text_prompt + training.caption_tokens)
     if context is not None and needed > context:
-        raise ValueError(f"{n_image} image prompts + up to {needed - n_image} caption tokens = {needed} positions, "
-                         f"but the LM's context is {context}: lower training.max_caption_tokens / "
+        raise ValueError(f"{n_image} image prompts + up to {needed - n_image} prompt and caption tokens = {needed} "
+                         f"positions, but the LM's context is {context}: lower training.max_caption_tokens / "
                          f"training.caption_tokens or use an encoder with fewer tokens")
 
 

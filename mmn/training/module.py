@@ -9,8 +9,9 @@ always (so their dropout never runs). A training step:
            --LM-->                logits of the positions that predict the caption tokens
     loss = cross-entropy on the caption tokens and their end-of-text only (image positions and
            padding ignored)
-With `with_prompt` the captioning prompt ("A picture of") sits between the image prompts and the
-caption, unscored, as it does when the captioner captions; LiMBeR trains without it.
+With `with_prompt` the captioning prompt stands around the image prompts (Captioner.around_image:
+LiMBeR's "A picture of" after them, a chat prompt's text before and after them), unscored, and the
+caption follows it, as when the captioner captions; LiMBeR trains without it.
 
 Dropout masks are drawn from a generator seeded by (seed, step, rank), so a run resumed from a
 checkpoint draws the same masks as an uninterrupted one. Checkpoints hold only P's weights
@@ -82,16 +83,14 @@ class ProjectionTraining(LightningModule):
             with torch.no_grad():
                 features = self.captioner.encoder(batch["pixels"])  # [batch, n_tok, d_enc]
         prompts = self.projection(features)  # [batch, n_img, d_lm]
+        if self.with_prompt:  # the captioning prompt around the image, unscored, as at inference
+            prompts = self.captioner.around_image(prompts)  # [batch, n_prompt, d_lm]
         ids, labels = batch["input_ids"], batch["labels"]
-        if self.with_prompt:  # the captioning prompt between image and caption, unscored, as at inference
-            prompt = self.captioner.prompt_ids.expand(len(ids), -1)
-            ids = torch.cat([prompt, ids], dim=1)
-            labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), labels], dim=1)
         text = self.captioner.lm.embed_tokens(ids)  # [batch, n_text, d_lm]
         n_text = text.shape[1]
-        inputs = torch.cat([prompts.to(text.dtype), text], dim=1)  # [batch, n_img + n_text, d_lm]
-        # Position n_img - 1 + j predicts caption token j: keep the last n_text + 1 positions' logits
-        # (not all n_img + n_text: GPT-J's vocabulary is 50k wide) and drop the final one.
+        inputs = torch.cat([prompts.to(text.dtype), text], dim=1)  # [batch, n_prompt + n_text, d_lm]
+        # Position n_prompt - 1 + j predicts caption token j: keep the last n_text + 1 positions' logits
+        # (not all n_prompt + n_text: GPT-J's vocabulary is 50k wide) and drop the final one.
         logits = self.captioner.lm.last_logits(inputs, n_text + 1)[:, :-1]  # [batch, n_text, vocab]
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX)

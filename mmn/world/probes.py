@@ -99,17 +99,18 @@ def write_norms(captioner, pixels: torch.Tensor) -> dict:
     direct path against the MLPs'), beside the norm of the embedded text prompt. Mean L2 norms over
     images and positions. pixels: [batch, 3, H, W]."""
     lm = captioner.lm
-    inputs = captioner.input_embeddings(pixels)  # [batch, n_img + n_text, d_lm]
-    n_image = captioner.n_image_tokens
+    inputs = captioner.input_embeddings(pixels)  # [batch, n_prompt, d_lm]
+    image = torch.zeros(inputs.shape[1], dtype=torch.bool, device=inputs.device)  # [n_prompt]: image positions
+    image[captioner.image_positions] = True
     mlp = {}
 
     def record(module, args, output, layer):
-        mlp[layer] = output[:, :n_image].norm(dim=-1).mean().item()  # output: [batch, pos, d_lm]
+        mlp[layer] = output[:, image].norm(dim=-1).mean().item()  # output: [batch, pos, d_lm]
 
     with lm.hooks(forward=[(lm.mlp_out(layer), partial(record, layer=layer)) for layer in range(lm.n_layers)]):
         lm.final_hidden(inputs.to(lm.dtype))
-    return {"prompt": inputs[:, :n_image].norm(dim=-1).mean().item(),
-            "text_embedding": inputs[:, n_image:].norm(dim=-1).mean().item(),
+    return {"prompt": inputs[:, image].norm(dim=-1).mean().item(),
+            "text_embedding": inputs[:, ~image].norm(dim=-1).mean().item(),
             "mlp": [round(mlp[layer], 3) for layer in range(lm.n_layers)]}
 
 
