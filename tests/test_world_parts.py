@@ -96,7 +96,7 @@ def test_object_tokenizer_finds_objects_and_ignores_colour_position_and_scale():
     components = object_components(to_pixels(torch.from_numpy(image)))
     assert sorted(np.unique(components)) == [0, 1, 2, 3]  # background, the bar and the two squares, no speck
 
-    cfg = EncoderConfig(image_size=64, patch_size=16, outline_tokens=2, outline_pixels=8)
+    cfg = EncoderConfig(image_size=64, patch_size=16, outline_tokens=2, outline_pixels=8, colour_tokens=0)
     square = torch.cat([torch.ones(64), torch.tensor([0.5])])  # a full bounding box, height / (height + width) = 1/2
     tokenizer = ObjectTokenizer(torch.stack([torch.zeros(65), square]), cfg)
     tokens = tokenizer(torch.from_numpy(image))  # [1, 16], patches row-major; token 2 = background
@@ -106,7 +106,7 @@ def test_object_tokenizer_finds_objects_and_ignores_colour_position_and_scale():
 
 def test_object_tokens_separate_the_worlds_shapes_without_labels():
     """The outline tokens, fit by k-means on unlabelled renders, never put two shapes in one token."""
-    cfg = EncoderConfig()
+    cfg = EncoderConfig(colour_tokens=0)
     images, _ = generator.render_batch(0, 150)
     outline = tokenize(ObjectTokenizer.fit(torch.from_numpy(images), cfg, torch.Generator().manual_seed(0)),
                        torch.from_numpy(images))  # [150, n_patch]
@@ -121,6 +121,33 @@ def test_object_tokens_separate_the_worlds_shapes_without_labels():
                 shapes_of_token.setdefault(token, set()).add(obj.shape)
     assert all(len(shapes) == 1 for shapes in shapes_of_token.values()), shapes_of_token
     assert set().union(*shapes_of_token.values()) == set(generator.SHAPES)
+
+
+def test_colour_tokens_separate_the_worlds_colours_and_the_head_predicts_both_factors():
+    """With colour_tokens, k-means on unlabelled renders gives each world colour a token of its own;
+    a patch's token is (outline, colour), and the encoder's head scores the two factors apart."""
+    cfg = EncoderConfig(colour_tokens=6)
+    images, _ = generator.render_batch(0, 150)
+    tokenizer = ObjectTokenizer.fit(torch.from_numpy(images), cfg, torch.Generator().manual_seed(0))
+    tokens = tokenize(tokenizer, torch.from_numpy(images))  # [150, n_patch], background = n_object_tokens
+    colours_of_token: dict[int, set[str]] = {}
+    for index in range(150):
+        scene, _ = generator.scene_at(0, "batch", index)
+        masks = generator.render(scene, 224)[1]
+        for obj, mask in zip(scene.objects, masks):
+            share = torch.nn.functional.avg_pool2d(torch.from_numpy(mask).float()[None, None], cfg.patch_size).flatten()
+            for token in tokens[index][(share >= 0.5) & (tokens[index] < cfg.n_object_tokens)].tolist():
+                colours_of_token.setdefault(token % cfg.colour_tokens, set()).add(obj.colour)
+    assert sorted(map(sorted, colours_of_token.values())) == [[colour] for colour in sorted(generator.COLOURS)]
+
+    model = TokenPredictionModel(EncoderConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=1,
+                                               intermediate_size=64, outline_tokens=3, colour_tokens=2))
+    joint = torch.tensor([[0, 5, 6, 3]])  # (outline 0, colour 0), (2, 1), background, (1, 1)
+    outline, colour = model.factors(joint)
+    assert outline.tolist() == [[0, 2, 3, 1]] and colour.tolist() == [[0, 1, 2, 1]]
+    logits = torch.cat([torch.nn.functional.one_hot(outline, 4), torch.nn.functional.one_hot(colour, 3)], -1).float()
+    assert model.predict(logits * 10).tolist() == joint.tolist()
+    assert model.loss(logits * 10, joint) < 1e-3 < model.loss(logits * 10, torch.tensor([[1, 5, 6, 3]]))
 
 
 def test_kmeans_and_position_bias():
@@ -277,6 +304,10 @@ def test_shipped_parts_are_copied_only_for_their_own_key_and_hashes(tmp_path, ca
         "lm": "shipped", "encoder": "shipped", "clip": "trained"}
     scenes_changed = {**TINY_WORLD, "scenes": {"image_size": 64, "text_grid": 4, "size_scale": 1.2}}
     assert set(build_world(scenes_changed, tmp_path / "scenes", shipped=shipped)["sources"].values()) == {"trained"}
+    # a scene key that only the LM's texts read (TEXT_CORPUS_KEYS) trains the LM only
+    texts_changed = {**TINY_WORLD, "scenes": {**TINY_WORLD["scenes"], "grid_glossary": 0.5}}
+    assert build_world(texts_changed, tmp_path / "texts", shipped=shipped)["sources"] == {
+        "lm": "trained", "encoder": "shipped", "clip": "shipped"}
 
     # a shipped file that fails its hash is not used
     (shipped / "lm" / "model.safetensors").write_bytes(b"not the model")

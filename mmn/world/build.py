@@ -137,10 +137,17 @@ def load_world(out_dir: str | Path) -> dict | None:
     return info
 
 
+# Scene keys that only text_corpus reads: they decide the LM's texts, not the renders or captions
+# the encoder and the CLIP train on.
+TEXT_CORPUS_KEYS = ("text_prefix_prob", "descriptions_per_text", "grid_objects_only", "grid_glossary")
+
+
 def part_key(resolved: Mapping, part: str) -> dict:
     """What decides a frozen part's weights: the build code's format, the world's seed and scenes
-    (its training data: text_corpus and render_batch draw scene i from them alone) and its section."""
-    return {"format": WORLD_FORMAT, "seed": resolved["seed"], "scenes": resolved["scenes"], part: resolved[part]}
+    (its training data: text_corpus and render_batch draw scene i from them alone; the keys only
+    text_corpus reads decide the LM alone) and its section."""
+    scenes = {key: value for key, value in resolved["scenes"].items() if part == "lm" or key not in TEXT_CORPUS_KEYS}
+    return {"format": WORLD_FORMAT, "seed": resolved["seed"], "scenes": scenes, part: resolved[part]}
 
 
 def _sha256(path: Path) -> str:

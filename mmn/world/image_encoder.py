@@ -17,17 +17,20 @@ token, and the ViT learns to predict it (a linear head on each patch's output, c
 the head thrown away after). BEiT's tokenizer is a dVAE trained on millions of images; the
 world's (`ObjectTokenizer`) is fit in seconds from image statistics: pixels far from the image's
 median colour form objects (connected components), each object's outline (its silhouette inside
-its bounding box: free of colour, position and scale) is clustered by k-means, and a patch takes
-the token of the object covering most of it. No caption or annotation is used; the clusters are
-numbers, not shape names (12 clusters for the world's 8 shapes: some shapes split by size).
+its bounding box: free of colour, position and scale) is clustered by k-means, so is its mean
+colour (`colour_tokens`), and a patch takes the token (outline cluster, colour cluster) of the
+object covering most of it, as a dVAE's tokens carry shape and colour together. No caption or
+annotation is used; the clusters are numbers, not shape or colour names (12 outline clusters for
+the world's 8 shapes: some shapes split by size). The head scores the token's two factors apart
+(one softmax over outlines, one over colours), so that every outline cluster learns from all colours.
 
 Why not masked pixel prediction (SimMIM), which the world used first: on this 2-core CPU budget
 (~1,500 steps) its features carried colour but hardly any shape (a per-patch linear probe:
 shape 0.16, chance 0.125), and no linear projection made the LM name shapes. BEiT-Large gets
 semantic features from pre-training far beyond a laptop's budget; predicting object tokens gets
 this world's encoder to a per-patch shape probe of ~0.89 in two minutes. Measured choices, each
-on that probe: no colour token beside the outline token (colour is the easier target and the
-model stops at it: 0.46; colour stays linearly readable anyway, ~0.9 per patch); and, with the
+on that probe: no colour token beside the outline token at the time (as one joint token colour
+was the easier target and the model stopped at it: 0.46); and, with the
 generator's shape labels standing in for the tokens, no masking (masking object patches and
 adding a pixel loss: 0.43 against 0.92) and learning rate 8e-3 (2e-3: 0.73); a
 small model (width 64, 2 layers) with many small batches; background patches weighted 0.1
@@ -37,9 +40,12 @@ Renders are cheap and the model overfits 3,000 of them: 6,000 (same 1,500 steps)
 token accuracy from 0.79 to 0.86 and a linear probe of object shape (each object's patches averaged)
 from 0.88 to 0.93; 12,000 add nothing more (0.85, 0.94).
 At the default's 32-pixel patches a patch holds less of its object's outline, and the budget is
-steps: a per-patch linear probe of the outline reads 0.84 after 1,500 steps and 0.99 after 6,000
-(the default, 3 minutes); at 1,500 steps, 4 layers instead of 2 read 0.89 and width 128 0.56
-(docs/shapes_world_2.md, section 14).
+steps: a per-patch linear probe of the outline reads 0.84 after 1,500 steps and 0.99 after 6,000;
+at 1,500 steps, 4 layers instead of 2 read 0.89 and width 128 0.56 (docs/shapes_world_2.md,
+section 14). Without colour in its tokens the encoder let colour go (0.96 per object patch) and the
+projection wrote it wrongly at a third of object patches, so the captioner named a shape right
+0.75 of the time. With colour tokens and a factored head, colour is read 1.00 and the outline 0.97
+after 9,000 steps (the default, 4 minutes), and the captioner is right 0.91 of the time (section 15).
 """
 
 from __future__ import annotations
@@ -174,6 +180,13 @@ def describe_outlines(components: np.ndarray, outline_pixels: int) -> tuple[torc
     return torch.stack(outlines), np.array(owners)
 
 
+def object_colours(pixels: torch.Tensor, components: np.ndarray, owners: np.ndarray) -> torch.Tensor:
+    """Each object's mean colour (normalised pixels), in `owners`' order.
+    pixels [batch, 3, H, W], components int [batch, H, W], owners [n_objects, 2] -> [n_objects, 3]"""
+    colours = [pixels[image][:, torch.from_numpy(components[image] == number)].mean(dim=1) for image, number in owners]
+    return torch.stack(colours) if colours else torch.empty(0, 3)
+
+
 def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 30) -> torch.Tensor:
     """Lloyd's k-means from a k-means++ start.  [n, dim] -> centroids [k, dim]"""
     centroids = points[torch.randint(len(points), (1,), generator=generator)]
@@ -188,29 +201,44 @@ def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations:
 
 
 class ObjectTokenizer:
-    """The world's stand-in for BEiT's dVAE tokenizer: k-means centroids of object outlines, fit on
-    training images. A patch's token is that of the object covering most of it, or the background
-    token (`outline_tokens`) when no object covers PATCH_COVER of it."""
+    """The world's stand-in for BEiT's dVAE tokenizer: k-means centroids of object outlines (and,
+    with `colour_tokens`, of object colours), fit on training images. A patch's token is that of the
+    object covering most of it (outline cluster x colour_tokens + colour cluster), or the
+    background token (`cfg.n_object_tokens`) when no object covers PATCH_COVER of it."""
 
-    def __init__(self, centroids: torch.Tensor, cfg: EncoderConfig):
+    def __init__(self, centroids: torch.Tensor, cfg: EncoderConfig, colour_centroids: torch.Tensor | None = None):
         self.centroids, self.cfg = centroids, cfg  # [outline_tokens, outline_pixels^2 + 1]
+        self.colour_centroids = colour_centroids  # [colour_tokens, 3] or None: tokens free of colour
+
 
     @classmethod
     def fit(cls, images: torch.Tensor, cfg: EncoderConfig, generator: torch.Generator, chunk: int = 100) -> "ObjectTokenizer":
         """images: uint8 [n, H, W, 3]."""
-        outlines = torch.cat([describe_outlines(object_components(to_pixels(images[start : start + chunk])),
-                                                cfg.outline_pixels)[0] for start in range(0, len(images), chunk)])
-        if len(outlines) < cfg.outline_tokens:
+        outlines, colours = [], []
+        for start in range(0, len(images), chunk):
+            pixels = to_pixels(images[start : start + chunk])
+            components = object_components(pixels)
+            found, owners = describe_outlines(components, cfg.outline_pixels)
+            outlines.append(found)
+            colours.append(object_colours(pixels, components, owners))
+        outlines, colours = torch.cat(outlines), torch.cat(colours)
+        if len(outlines) < max(cfg.outline_tokens, cfg.colour_tokens):
             raise ValueError(f"the world encoder's tokenizer found {len(outlines)} objects in {len(images)} images, "
-                             f"fewer than encoder.outline_tokens={cfg.outline_tokens}")
-        return cls(kmeans(outlines, cfg.outline_tokens, generator), cfg)
+                             f"fewer than encoder.outline_tokens={cfg.outline_tokens} or colour_tokens={cfg.colour_tokens}")
+        colour_centroids = kmeans(colours, cfg.colour_tokens, generator) if cfg.colour_tokens else None
+        return cls(kmeans(outlines, cfg.outline_tokens, generator), cfg, colour_centroids)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [batch, H, W, 3] -> long [batch, n_patch]: each patch's token."""
-        components = object_components(to_pixels(images))  # [batch, H, W]
+        pixels = to_pixels(images)
+        components = object_components(pixels)  # [batch, H, W]
         outlines, owners = describe_outlines(components, self.cfg.outline_pixels)
-        token_of = torch.full((len(images), int(components.max(initial=0)) + 1), len(self.centroids))  # object -> token
-        token_of[torch.from_numpy(owners[:, 0]), torch.from_numpy(owners[:, 1])] = torch.cdist(outlines, self.centroids).argmin(dim=1)
+        token = torch.cdist(outlines, self.centroids).argmin(dim=1)  # [n_objects]
+        if self.colour_centroids is not None:
+            colour = torch.cdist(object_colours(pixels, components, owners), self.colour_centroids).argmin(dim=1)
+            token = token * len(self.colour_centroids) + colour
+        token_of = torch.full((len(images), int(components.max(initial=0)) + 1), self.cfg.n_object_tokens)  # object -> token
+        token_of[torch.from_numpy(owners[:, 0]), torch.from_numpy(owners[:, 1])] = token
         return token_of.gather(1, patch_objects(components, self.cfg.patch_size))
 
 
@@ -234,28 +262,51 @@ def tokenize(tokenizer: ObjectTokenizer, images: torch.Tensor, chunk: int = 100)
 
 
 class TokenPredictionModel(torch.nn.Module):
-    """BeitModel + a linear head that predicts each patch's token (the head is discarded after training)."""
+    """BeitModel + a linear head that predicts each patch's token (the head is discarded after training).
+
+    With colour tokens the head scores the token's two factors apart: its logits are the outline's
+    (outline_tokens + background) followed by the colour's (colour_tokens + background)."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.encoder = BeitModel(beit_config(cfg))
         if cfg.position_bias_slopes:
             locality_position_bias(self.encoder, tuple(cfg.position_bias_slopes))
-        self.head = torch.nn.Linear(cfg.hidden_size, cfg.outline_tokens + 1)  # + background
+        self.factor_sizes = [cfg.outline_tokens + 1] + ([cfg.colour_tokens + 1] if cfg.colour_tokens else [])
+        self.head = torch.nn.Linear(cfg.hidden_size, sum(self.factor_sizes))
         self.cfg = cfg
         self.autocast = cfg.bf16 and torch.cpu._is_avx512_bf16_supported()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[batch, 3, H, W] -> token logits [batch, n_patch, outline_tokens + 1]"""
+        """[batch, 3, H, W] -> logits of the token's factors [batch, n_patch, sum(factor_sizes)]"""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             hidden = self.encoder(pixel_values=pixels).last_hidden_state[:, 1:]  # [batch, n_patch, hidden]
         return self.head(hidden.float())
 
+    def factors(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Tokens (long [batch, n_patch]) -> one tensor per factor: [outline] or [outline, colour],
+        the background the last index of each."""
+        if not self.cfg.colour_tokens:
+            return [tokens]
+        n_colour, background = self.cfg.colour_tokens, tokens >= self.cfg.n_object_tokens
+        return [torch.where(background, self.cfg.outline_tokens, tokens // n_colour),
+                torch.where(background, n_colour, tokens % n_colour)]
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """The most likely token of each patch (background when any factor says background)."""
+        best = [part.argmax(-1) for part in logits.split(self.factor_sizes, dim=-1)]
+        if len(best) == 1:
+            return best[0]
+        (outline, colour), n_colour = best, self.cfg.colour_tokens
+        background = (outline == self.cfg.outline_tokens) | (colour == n_colour)
+        return torch.where(background, self.cfg.n_object_tokens, outline * n_colour + colour)
+
     def loss(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the patch tokens (long [batch, n_patch]) given this model's logits,
-        background patches down-weighted."""
-        weight = torch.where(tokens < self.cfg.outline_tokens, 1.0, BACKGROUND_WEIGHT).flatten()
-        per_patch = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
+        """Cross-entropy of the patch tokens (long [batch, n_patch]) given this model's logits, summed
+        over the token's factors, background patches down-weighted."""
+        weight = torch.where(tokens < self.cfg.n_object_tokens, 1.0, BACKGROUND_WEIGHT).flatten()
+        per_patch = sum(F.cross_entropy(part.flatten(0, 1), target.flatten(), reduction="none")
+                        for part, target in zip(logits.split(self.factor_sizes, dim=-1), self.factors(tokens)))
         return (per_patch * weight).sum() / weight.sum()
 
 
@@ -266,10 +317,10 @@ def token_metrics(model: TokenPredictionModel, images: torch.Tensor, tokens: tor
     loss, hits, count = 0.0, 0, 0
     for start in range(0, len(images), batch_size):
         pixels, target = to_pixels(images[start : start + batch_size]), tokens[start : start + batch_size]
-        logits = model(pixels)  # [batch, n_patch, outline_tokens + 1]
+        logits = model(pixels)  # [batch, n_patch, sum(factor_sizes)]
         loss += model.loss(logits, target).item() * len(pixels)
-        on_object = target < model.cfg.outline_tokens
-        hits += (logits.argmax(-1) == target)[on_object].sum().item()
+        on_object = target < model.cfg.n_object_tokens
+        hits += (model.predict(logits) == target)[on_object].sum().item()
         count += on_object.sum().item()
     return {"token_loss": loss / len(images), "token_accuracy": hits / max(count, 1), "object_patches": count}
 
@@ -316,7 +367,7 @@ def train_image_encoder(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.encoder.save_pretrained(out_dir)
     image_processor(cfg).save_pretrained(out_dir)
-    on_object = held_out_tokens[held_out_tokens < cfg.outline_tokens]
+    on_object = held_out_tokens[held_out_tokens < cfg.n_object_tokens]
     metrics = {
         "eval_token_accuracy": after["token_accuracy"],
         "eval_token_loss": after["token_loss"],
