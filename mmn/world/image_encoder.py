@@ -210,7 +210,6 @@ class ObjectTokenizer:
         self.centroids, self.cfg = centroids, cfg  # [outline_tokens, outline_pixels^2 + 1]
         self.colour_centroids = colour_centroids  # [colour_tokens, 3] or None: tokens free of colour
 
-
     @classmethod
     def fit(cls, images: torch.Tensor, cfg: EncoderConfig, generator: torch.Generator, chunk: int = 100) -> "ObjectTokenizer":
         """images: uint8 [n, H, W, 3]."""
