@@ -23,7 +23,7 @@ same as setting the pre-activation Z to zero (GELU(0) = 0).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -104,7 +104,9 @@ def ablate_masks(lm: LanguageModel, masks: Mapping[int, Tensor], mode: str = "ze
         value = torch.zeros((), dtype=activation.dtype, device=activation.device) if values is None else values
         return (torch.where(mask, value, activation), *args[1:])
 
-    with lm.pass_start() as pass_start, lm.hooks(pre=[(module, replace) for module in plan]):
+    # where each pass starts is only read for `positions`: no extra hook on every forward otherwise
+    with (lm.pass_start() if positions is not None else nullcontext()) as pass_start, \
+            lm.hooks(pre=[(module, replace) for module in plan]):
         yield
 
 
