@@ -4,8 +4,9 @@ experiment end to end on the tiny Shapes world."""
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from mmn.analysis.selectivity import selectivity_matrix
+from mmn.analysis.selectivity import object_means, own_highest, patch_cover, selectivity_matrix
 from mmn.recipes.selectivity import selectivity_experiment
 from mmn.config import compose
 
@@ -21,6 +22,26 @@ def test_matrix_row_is_a_categorys_units_column_their_mean_on_a_category():
     assert matrix.loc["star", "circle"] == pytest.approx((0.5 + 3.0) / 2)  # units 9 and 7 on circles
     assert matrix.loc["star", "star"] == pytest.approx((5.0 + 1.0) / 2)
     assert np.array_equal(matrix.index, ["circle", "star"])
+
+
+def test_own_highest_counts_rows_whose_maximum_is_their_own_column():
+    matrix = pd.DataFrame([[3.0, 1.0], [2.0, 1.0]], index=["circle", "star"], columns=["circle", "star"])
+    assert own_highest(matrix) == 1  # circle's units peak on circles, star's units on circles too
+
+
+def test_patch_cover_is_the_share_of_each_patch_the_mask_covers():
+    mask = np.zeros((4, 6), dtype=bool)  # a 2 x 3 grid of 2 x 2 patches
+    mask[:2, :2] = True  # all of patch (0, 0)
+    mask[2, 4:] = True  # half of patch (1, 2)
+    assert torch.equal(patch_cover(mask, (2, 3)), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.5]]))
+
+
+def test_object_means_weight_each_patch_by_its_cover():
+    maps = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).expand(1, 2, 2, 2).clone()  # [batch 1, 2 units, 2, 2]
+    maps[0, 1] *= 10
+    covers = torch.tensor([[[1.0, 0.0], [0.5, 0.0]]])
+    assert torch.allclose(object_means(maps, covers), torch.tensor([[2.5 / 1.5, 25 / 1.5]]))
+    assert object_means(maps, torch.zeros(1, 2, 2)).isnan().all()  # no object: no value, not a zero
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +65,16 @@ def test_experiment_writes_the_matrix(overrides, tmp_path):
     expected = np.mean([on[(r.layer, r.unit)] for r in mine.itertuples()])
     assert matrix.loc[first["category"], matrix.columns[0]] == pytest.approx(expected)
     assert (tmp_path / "figures" / "selectivity.png").is_file()
+    # beside the paper's statistic, the same units over the object's patches only
+    at_object = pd.read_parquet(tmp_path / "selectivity_object.parquet").set_index("units_of")
+    on = activations[activations["category"] == matrix.columns[0]].groupby(["layer", "unit"])["activation_object"].mean()
+    assert at_object.loc[first["category"], matrix.columns[0]] == pytest.approx(
+        np.mean([on[(r.layer, r.unit)] for r in mine.itertuples()]))
+    assert activations["activation_object"].notna().all()
+    # the world's objects cover a few of the 49 patches, so the two statistics differ
+    assert not np.allclose(activations["activation_object"], activations["activation"])
+    assert summary["categories_most_active_on_own_object"] == own_highest(at_object)
+    assert (tmp_path / "figures" / "selectivity_object.png").is_file()
 
 
 def test_too_few_images_per_category_is_named(overrides, tmp_path):

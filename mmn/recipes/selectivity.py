@@ -1,21 +1,26 @@
 """`python experiments/selectivity.py` (conf/selectivity.yaml): supplement S.4, the selectivity
 matrix and its figure. Each category's units are the most frequent among the top units of half
 of its images (TopUnits); their mean activation is measured on the other half of every
-category's images (mmn.analysis.selectivity)."""
+category's images (mmn.analysis.selectivity), over every image position (the paper's statistic)
+and over the object's patches (reported beside it)."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import pandas as pd
+import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from mmn.analysis.figures import selectivity_figure
 from mmn.analysis.receptive_fields import single_object_ids, unit_activation_maps
-from mmn.analysis.selectivity import selectivity_matrix, split_by_category
+from mmn.analysis.selectivity import object_means, own_highest, patch_cover, selectivity_matrix, split_by_category
 from mmn.files import write_parquet
 from mmn.recipes.run import Run, TopUnits, check_analysis_settings, check_count
+
+log = logging.getLogger(__name__)
 
 
 def selectivity_experiment(cfg: DictConfig) -> dict:
@@ -23,7 +28,7 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
     check_analysis_settings(cfg)
     for key in ("units", "top_units"):
         check_count(f"selectivity.{key}", settings[key])
-    run = Run(cfg)
+    run = Run(cfg, masks=True)
     images = run.images
     split = split_by_category(images, single_object_ids(images, settings.categories, cfg.images.n))
     too_few = [name for name, (choose, measure) in split.items() if not choose or not measure]
@@ -31,6 +36,11 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
         raise ValueError(f"selectivity needs at least 2 single-object images per category; too few of "
                          f"{', '.join(too_few)} among the first images.n={cfg.images.n}")
     captioner = run.captioner()
+    # the object's patches are only where the pixels are when the encoder squashes the whole image
+    at_object = captioner.encoder.resize_mode == "squash"
+    if not at_object:
+        log.warning("selectivity: the encoder uses resize_mode=%r, so its patches are not the image's; only the "
+                    "paper's statistic (every image position) is measured", captioner.encoder.resize_mode)
     top_units = TopUnits(captioner, cfg)
     batch_size = cfg.images.batch_size
     image_rows = []  # one per image: its category and half, and whether it was skipped (unreadable) and why
@@ -63,24 +73,38 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
                 maps = unit_activation_maps(captioner, captioner.preprocess([item["image"] for item in items]),
                                             every_unit)  # [batch, units, gh, gw]
                 means = maps.flatten(2).mean(dim=2)  # [batch, units]: over every image-prompt position
+                at = torch.full_like(means, float("nan"))  # [batch, units]: over the object's patches
+                if at_object:
+                    # single-object images: each item's masks hold its one object
+                    covers = torch.stack([patch_cover(next(iter(item["masks"].values()))[0], maps.shape[2:])
+                                          for item in items])  # [batch, gh, gw]
+                    at = object_means(maps, covers)
                 rows += [{"image_id": item["image_id"], "category": name, "layer": layer, "unit": unit,
-                          "activation": float(means[b, j])}
+                          "activation": float(means[b, j]), "activation_object": float(at[b, j])}
                          for b, item in enumerate(items) for j, (layer, unit) in enumerate(every_unit)]
-    activations = pd.DataFrame(rows, columns=["image_id", "category", "layer", "unit", "activation"])
-    matrix = selectivity_matrix(activations, {name: pairs for name, pairs in units.items() if pairs})
+    activations = pd.DataFrame(rows, columns=["image_id", "category", "layer", "unit", "activation",
+                                              "activation_object"])
+    chosen = {name: pairs for name, pairs in units.items() if pairs}
+    matrix = selectivity_matrix(activations, chosen)
+    matrix_object = selectivity_matrix(activations, chosen, "activation_object")
     write_parquet(activations, run.dir / "activations.parquet")
     write_parquet(pd.DataFrame([{"category": name, "rank": r, "layer": layer, "unit": unit}
                                 for name, pairs in units.items() for r, (layer, unit) in enumerate(pairs)]),
                   run.dir / "units.parquet")
     write_parquet(matrix.reset_index(names="units_of"), run.dir / "selectivity.parquet")
+    write_parquet(matrix_object.reset_index(names="units_of"), run.dir / "selectivity_object.parquet")
     image_table = pd.DataFrame(image_rows, columns=["image_id", "category", "half", "skipped", "skip_reason"])
     write_parquet(image_table, run.dir / "images.parquet")
-    diagonal = [row for row in matrix.index if row in matrix.columns]
-    own_highest = sum(matrix.loc[row].idxmax() == row for row in diagonal)
     summary = {"images": sum(len(choose) + len(measure) for choose, measure in split.values()),
                "images_skipped": int(image_table["skipped"].sum()),
                "skip_reasons": image_table["skip_reason"].dropna().value_counts().to_dict(),
                "categories": len(split), "units_per_category": settings.units,
-               "categories_most_active_on_own": int(own_highest)}
-    figure = selectivity_figure(matrix, run.figure("selectivity.png"))
-    return run.finish(summary, {"selectivity": matrix.reset_index(names="units_of")}, [figure])
+               "categories_most_active_on_own": own_highest(matrix),
+               "categories_most_active_on_own_object": own_highest(matrix_object) if at_object else None}
+    figures = [selectivity_figure(matrix, run.figure("selectivity.png"))]
+    tables = {"selectivity": matrix.reset_index(names="units_of")}
+    if at_object:
+        figures.append(selectivity_figure(matrix_object, run.figure("selectivity_object.png"),
+                                          "The same units over the object's patches only (mmn's addition)"))
+        tables["selectivity_object"] = matrix_object.reset_index(names="units_of")
+    return run.finish(summary, tables, figures)
