@@ -85,3 +85,9 @@ def test_an_unknown_random_norm_is_named(overrides, tmp_path):
         run(overrides, tmp_path, "prompts.random_norm=unit")
     with pytest.raises(ValueError, match="bootstrap.resamples=0 must be a whole number >= 1"):
         run(overrides, tmp_path, "bootstrap.resamples=0")
+
+
+def test_too_few_images_for_the_ks_tests_fail_before_scoring(overrides, tmp_path):
+    with pytest.raises(ValueError, match="images.n=3: the KS tests .* at least 4 images; 3 would be scored"):
+        run(overrides, tmp_path, "images.n=3")
+    assert not (tmp_path / "scores.parquet").exists() and not (tmp_path / "parts").exists()  # nothing was scored

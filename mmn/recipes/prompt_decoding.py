@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from mmn.analysis.bertscore import BertScorer
 from mmn.analysis.clipscore import ClipScorer
 from mmn.analysis.figures import score_distributions
-from mmn.analysis.prompts import table2, texts_to_score
+from mmn.analysis.prompts import MIN_KS_VALUES, table2, texts_to_score
 from mmn.analysis.scoring import score_texts
 from mmn.files import write_parquet
 from mmn.models.targets import get_finder
@@ -27,6 +27,9 @@ def prompt_decoding(cfg: DictConfig) -> dict:
     check_count("prompts.top_k", cfg.prompts.top_k)
     check_count("bootstrap.resamples", cfg.bootstrap.resamples)
     run = Run(cfg)
+    if run.n_images < MIN_KS_VALUES:  # before any image is scored, not after
+        raise ValueError(f"images.n={cfg.images.n}: the KS tests compare per-image scores and need at least "
+                         f"{MIN_KS_VALUES} images; {run.n_images} would be scored")
     clip = ClipScorer(cfg.clip.model, cfg.clip.pretrained)
     bertscore = BertScorer(cfg.bertscore.model, cfg.bertscore.num_layers)
     captioner = run.captioner()
