@@ -50,7 +50,10 @@ def heat_tile(image: Image.Image, values: Tensor) -> Image.Image:
 
 def neuron_card(image: Image.Image, caption: str, target: str, units: Sequence[CardUnit]) -> Image.Image:
     """One card: a header with the caption and c, then one row per unit (activation heatmap,
-    attribution heatmap, name, tokens, interpretable or not). -> uint8 RGB PIL image"""
+    attribution heatmap, name, tokens, interpretable or not). -> uint8 RGB PIL image
+
+    image: the image as the encoder sees it (ImageEncoder.resize: squashed, or centre-cropped by
+    open_clip, timm and LLaVA's tower), so that each patch's value lies on the pixels it was read from."""
     font = ImageFont.load_default()
     width = 2 * TILE + TEXT
     card = Image.new("RGB", (width, HEADER + TILE * max(1, len(units))), "white")

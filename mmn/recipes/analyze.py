@@ -89,7 +89,8 @@ def draw_cards(captioner: Captioner, images: list[dict], pixels: torch.Tensor, t
             shown.append(CardUnit(neuron_name(layer, unit), tokens, interpretable, maps[card, column[(layer, unit)]],
                                   scores[i][layers.index(layer), :, unit].reshape(grid)))
         path = folder / f"card_{item['image_id']}.png"
-        atomic_write(path, lambda temporary: neuron_card(item["image"], row["caption"], row["noun"], shown)
+        seen = captioner.encoder.resize(item["image"])  # what the patches cover: the squashed image or its centre crop
+        atomic_write(path, lambda temporary: neuron_card(seen, row["caption"], row["noun"], shown)
                      .save(temporary, format="PNG"))
         rows += [{"image_id": item["image_id"], "caption": row["caption"], "noun": row["noun"], "rank": rank,
                   "neuron": u.name, "tokens": " | ".join(u.tokens), "interpretable": u.interpretable,
