@@ -275,6 +275,17 @@ def test_size_scale_scales_every_radius_and_must_fit():
         SceneConfig(size_scale=0)
 
 
+def test_size_spread_pulls_small_and_large_towards_medium():
+    narrow = SceneConfig(image_size=96, size_scale=1.5, size_spread=0.4)
+    assert [g.radius_of(size, narrow) for size in g.SIZES] == pytest.approx([0.132, 0.15, 0.171])
+    assert g.radius_of("large", SceneConfig(size_spread=0.0)) == g.SIZES["medium"]  # one size for all
+    for index in range(20):
+        scene, _ = scene_at(5, "train", index, narrow)
+        assert all(o.radius == pytest.approx(g.radius_of(o.size, narrow)) for o in scene.objects)
+    with pytest.raises(ValueError, match="size_spread=1.5 must be in"):
+        SceneConfig(size_spread=1.5)
+
+
 def test_grid_text_shows_each_cell_as_the_encoders_patches_see_it():
     cfg = SceneConfig(image_size=112, size_scale=1.5, glyph_shift=True, order="reading", text_grid=7)
     scene, rng = scene_at(3, "text", 5, cfg)

@@ -117,6 +117,7 @@ class SceneConfig:
     grid_objects_only: float = 0.0  # share of those grids written without their background cells (`text_corpus`)
     grid_glossary: float = 0.0      # share of texts that name each object token's shape (`text_corpus`)
     size_scale: float = 1.0         # multiplies every radius of SIZES (1.5: objects cover 2.25x the pixels)
+    size_spread: float = 1.0        # how far small and large stand from medium (0.4: radii 0.088 / 0.10 / 0.114, `radius_of`)
 
     def __post_init__(self) -> None:
         self.shapes, self.colours, self.sizes, self.backgrounds = (
@@ -133,9 +134,12 @@ class SceneConfig:
         if not 1 <= self.min_objects <= self.max_objects <= 3:
             raise ValueError(f"SceneConfig: need 1 <= min_objects <= max_objects <= 3, got "
                              f"{self.min_objects}..{self.max_objects}")
-        if not (0 < self.size_scale and max(SIZES.values()) * self.size_scale + self.margin < 0.5):
+        if not 0 <= self.size_spread <= 1:
+            raise ValueError(f"SceneConfig.size_spread={self.size_spread} must be in [0, 1]")
+        if not (0 < self.size_scale and radius_of("large", self) + self.margin < 0.5):
             raise ValueError(f"SceneConfig.size_scale={self.size_scale}: the largest object (radius "
-                             f"{max(SIZES.values())} x size_scale, plus the margin) must fit in the image")
+                             f"{radius_of('large', self) / (self.size_scale or 1):.3f} x size_scale, plus the margin) "
+                             "must fit in the image")
         if self.image_size < 16:
             raise ValueError(f"SceneConfig.image_size={self.image_size} is too small (>= 16)")
         if self.order not in ORDERS:
@@ -189,6 +193,12 @@ class Scene:
 
 # ----------------------------------------------------------------------------- sampling
 
+def radius_of(size: str, cfg: SceneConfig) -> float:
+    """An object's bounding radius: SIZES[size] moved towards the medium radius by size_spread, times size_scale."""
+    medium = SIZES["medium"]
+    return (medium + cfg.size_spread * (SIZES[size] - medium)) * cfg.size_scale
+
+
 def sample_scene(rng: np.random.Generator, cfg: SceneConfig | Mapping | None = None) -> Scene:
     """Sample objects (mostly non-overlapping: positions are rejection-sampled) and a background."""
     cfg = scene_config(cfg)
@@ -196,7 +206,7 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig | Mapping | None = N
     objects: list[WorldObject] = []
     for _ in range(n_objects):
         size = str(rng.choice(cfg.sizes))
-        radius = SIZES[size] * cfg.size_scale
+        radius = radius_of(size, cfg)
         low, high = radius + cfg.margin, 1.0 - radius - cfg.margin
         best, best_clearance = None, -math.inf
         for _ in range(cfg.max_placement_tries):
