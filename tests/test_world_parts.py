@@ -343,7 +343,8 @@ def test_world_config_errors_name_the_key(tmp_path):
 
 def test_scene_overrides_merge_into_the_default_scenes():
     defaults = resolve_world_config({})["scenes"]
-    assert defaults["size_scale"] == 1.5 and defaults["glyph_shift"] and defaults["text_grid"] == 7
+    assert defaults["size_scale"] == 1.5 and defaults["size_spread"] == 0.4
+    assert defaults["glyph_shift"] and defaults["text_grid"] == 7
     assert resolve_world_config({"scenes": {"order": "left_to_right"}})["scenes"] == {**defaults, "order": "left_to_right"}
     assert resolve_world_config({"scenes": {"size_scale": 1.0}})["scenes"] == {**defaults, "size_scale": 1.0}
     with pytest.raises(ValueError, match="text_grid=5 must be the encoder's patch grid"):

@@ -113,8 +113,9 @@ DEFAULT_WORLD: dict[str, Any] = {
     # image prompts do, as 7 x 7 grids of object tokens (glyph + colour), and describe them in
     # shape words, so the LM's MLP units learn the translation; grid_glossary and
     # grid_objects_only: texts in which it learns it within its 1,000 steps; order: captions
-    # name objects in the order the image prompts reach the LM (section 13).
-    "scenes": {"size_scale": 1.5, "glyph_shift": True, "text_grid": 7, "order": "reading",
+    # name objects in the order the image prompts reach the LM (section 13). size_spread: sizes
+    # closer together, so objects cover nearer the 5% of the image a receptive field keeps (section 17).
+    "scenes": {"size_scale": 1.5, "size_spread": 0.4, "glyph_shift": True, "text_grid": 7, "order": "reading",
                "text_prefix_prob": 0.5, "grid_glossary": 0.3, "grid_objects_only": 0.5},
     "n_train": 3000,    # training pairs written as webdataset shards (for the projection)
     "n_eval": 500,      # COCO-style evaluation images
