@@ -12,7 +12,8 @@ spec.loader.exec_module(world_lab)
 
 
 def test_world_lab_reports_what_causes_what(tiny_world, tmp_path):
-    result = world_lab.main(tiny_world, root=tmp_path)
+    # an LM of 40 steps, not the tiny world's 5: it names a shape, so p(c) has captions to average
+    result = world_lab.main([*tiny_world, "world.lm.steps=40"], root=tmp_path)
     assert set(result["probes"]) >= {"shape_linear", "shape_mlp", "colour_linear", "glyph_linear"}
     assert 0 <= result["first_noun_accuracy"] <= 1 and 0 < result["p_target_mean"] < 1
     assert result["analysed_units"] == 2 * 128  # the tiny LM: 2 layers of 128 units
