@@ -33,7 +33,8 @@ class TextLMConfig:
     #                    (1000: 51%); word texts: 1000 made the better captioner (docs/shapes_world_2.md, 11, 13)
     lr: float = 6e-3  # at 3e-3 copying emerged within 1000 steps on some machines only (docs/shapes_world_2.md)
     warmup_steps: int = 20
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1  # GPT-J's; at 0.01 layer 0's units fired on most tokens and every category
+    #                            shared them, so S.4's rows were flat (docs/shapes_world_2.md, section 18)
 
 
 @dataclass
@@ -118,7 +119,8 @@ DEFAULT_WORLD: dict[str, Any] = {
     "scenes": {"size_scale": 1.5, "size_spread": 0.4, "glyph_shift": True, "text_grid": 7, "order": "reading",
                "text_prefix_prob": 0.5, "grid_glossary": 0.3, "grid_objects_only": 0.5},
     "n_train": 3000,    # training pairs written as webdataset shards (for the projection)
-    "n_eval": 500,      # COCO-style evaluation images
+    "n_eval": 5000,     # COCO-style evaluation images, as many as val2017: ~1,700 hold one object, which
+                        # S.4 needs (with 500, about 9 per category and half: section 18)
     "lm": asdict(TextLMConfig()),
     "encoder": asdict(EncoderConfig()),
     "clip": asdict(ClipConfig()),
