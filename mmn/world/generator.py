@@ -117,7 +117,7 @@ class SceneConfig:
     grid_objects_only: float = 0.0  # share of those grids written without their background cells (`text_corpus`)
     grid_glossary: float = 0.0      # share of texts that name each object token's shape (`text_corpus`)
     size_scale: float = 1.0         # multiplies every radius of SIZES (1.5: objects cover 2.25x the pixels)
-    size_spread: float = 1.0        # how far small and large stand from medium (0.4: 0.088 / 0.10 / 0.114 before size_scale; `radius_of`)
+    size_spread: float = 1.0        # small and large radii moved towards medium (0.4: 0.088 / 0.10 / 0.114; `radius_of`)
 
     def __post_init__(self) -> None:
         self.shapes, self.colours, self.sizes, self.backgrounds = (
