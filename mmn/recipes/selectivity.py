@@ -86,13 +86,11 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
                                               "activation_object"])
     chosen = {name: pairs for name, pairs in units.items() if pairs}
     matrix = selectivity_matrix(activations, chosen)
-    matrix_object = selectivity_matrix(activations, chosen, "activation_object")
     write_parquet(activations, run.dir / "activations.parquet")
     write_parquet(pd.DataFrame([{"category": name, "rank": r, "layer": layer, "unit": unit}
                                 for name, pairs in units.items() for r, (layer, unit) in enumerate(pairs)]),
                   run.dir / "units.parquet")
     write_parquet(matrix.reset_index(names="units_of"), run.dir / "selectivity.parquet")
-    write_parquet(matrix_object.reset_index(names="units_of"), run.dir / "selectivity_object.parquet")
     image_table = pd.DataFrame(image_rows, columns=["image_id", "category", "half", "skipped", "skip_reason"])
     write_parquet(image_table, run.dir / "images.parquet")
     summary = {"images": sum(len(choose) + len(measure) for choose, measure in split.values()),
@@ -100,10 +98,13 @@ def selectivity_experiment(cfg: DictConfig) -> dict:
                "skip_reasons": image_table["skip_reason"].dropna().value_counts().to_dict(),
                "categories": len(split), "units_per_category": settings.units,
                "categories_most_active_on_own": own_highest(matrix),
-               "categories_most_active_on_own_object": own_highest(matrix_object) if at_object else None}
+               "categories_most_active_on_own_object": None}
     figures = [selectivity_figure(matrix, run.figure("selectivity.png"))]
     tables = {"selectivity": matrix.reset_index(names="units_of")}
     if at_object:
+        matrix_object = selectivity_matrix(activations, chosen, "activation_object")
+        write_parquet(matrix_object.reset_index(names="units_of"), run.dir / "selectivity_object.parquet")
+        summary["categories_most_active_on_own_object"] = own_highest(matrix_object)
         figures.append(selectivity_figure(matrix_object, run.figure("selectivity_object.png"),
                                           "The same units over the object's patches only (mmn's addition)"))
         tables["selectivity_object"] = matrix_object.reset_index(names="units_of")
