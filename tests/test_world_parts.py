@@ -15,7 +15,7 @@ import torch
 from mmn.world import generator
 from mmn.world.build import (MANIFEST_FILE, PARTS, SHIPPED_DIR, build_world, resolve_world_config, ship_world,
                              shipped_part, world_summary)
-from mmn.world.clip import ClipConfig, noun_texts, train_clip
+from mmn.world.clip import ClipConfig, noise_tokens, noun_texts, train_clip
 from mmn.world.image_encoder import (EncoderConfig, ObjectTokenizer, TokenPredictionModel, kmeans, object_components,
                                     to_pixels, tokenize, train_image_encoder)
 from mmn.world.text_lm import TextLMConfig, train_text_lm
@@ -241,6 +241,21 @@ def test_noun_texts_replace_a_seeded_share_of_captions_by_their_first_noun():
     assert noun_texts(captions, 0.0, seed=3) == list(captions)
 
 
+def test_noise_tokens_are_seeded_random_texts_between_start_and_end_tokens():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokenizer = SimpleTokenizer(context_length=16)
+    rows = noise_tokens(500, tokenizer, torch.Generator().manual_seed(0), max_tokens=8)  # [500, 16]
+    assert rows.shape == (500, 16)
+    lengths = (rows != 0).sum(dim=1) - 2  # the words between start and end
+    assert lengths.min() == 1 and lengths.max() == 8
+    assert (rows[:, 0] == tokenizer.sot_token_id).all()
+    assert (rows[torch.arange(500), lengths + 1] == tokenizer.eot_token_id).all()
+    words = torch.cat([row[1 : length + 1] for row, length in zip(rows, lengths.tolist())])
+    assert words.max() < tokenizer.sot_token_id and len(words.unique()) > 0.9 * len(words)  # the whole vocabulary
+    assert torch.equal(noise_tokens(500, tokenizer, torch.Generator().manual_seed(0), max_tokens=8), rows)
+
+
 TINY_WORLD = {
     "seed": 0,
     "scenes": {"image_size": 64, "text_grid": 4},
@@ -336,6 +351,8 @@ def test_world_config_errors_name_the_key(tmp_path):
         resolve_world_config({"lm": {"stepz": 10}})
     with pytest.raises(ValueError, match="retrieval_pool"):
         resolve_world_config({"clip": {"n_eval_pairs": 50}})
+    with pytest.raises(ValueError, match=r"clip.noise_texts=1.5 must be a share in \[0, 1\]"):
+        resolve_world_config({"clip": {"noise_texts": 1.5}})
     with pytest.raises(ValueError, match="size_scale"):
         resolve_world_config({"scenes": {"size_scale": 5.0}})
     assert not (tmp_path / "world.json").exists()

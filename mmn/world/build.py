@@ -99,6 +99,9 @@ def resolve_world_config(cfg: Mapping | None = None) -> dict:
         if not isinstance(resolved[key], int) or (key != "seed" and resolved[key] < 1):
             raise ValueError(f"world config '{key}' must be an integer{' >= 1' if key != 'seed' else ''}, got {resolved[key]!r}")
     clip = resolved["clip"]
+    for share in ("noun_texts", "noise_texts"):
+        if not 0.0 <= clip[share] <= 1.0:
+            raise ValueError(f"world config clip.{share}={clip[share]!r} must be a share in [0, 1]")
     if clip["n_eval_pairs"] < clip["retrieval_pool"]:
         raise ValueError(f"world config clip.n_eval_pairs={clip['n_eval_pairs']} is smaller than "
                          f"clip.retrieval_pool={clip['retrieval_pool']}")

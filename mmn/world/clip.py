@@ -141,6 +141,18 @@ def noun_texts(captions: Sequence[str], share: float, seed: int) -> list[str]:
     return [generator.first_shape(caption) or caption if swap else caption for caption, swap in zip(captions, chosen)]
 
 
+def noise_tokens(n: int, tokenizer: SimpleTokenizer, generator: torch.Generator, max_tokens: int = 8) -> torch.Tensor:
+    """n token rows [n, context_length] of 1 to max_tokens tokens drawn uniformly from the tokenizer's
+    whole BPE vocabulary (its two special tokens aside), between its start and end tokens: texts that
+    say nothing about any image, as many of CLIP's web alt-texts are file names, codes and stray words."""
+    rows = torch.zeros(n, tokenizer.context_length, dtype=torch.long)
+    lengths = torch.randint(1, max_tokens + 1, (n,), generator=generator)
+    words = torch.randint(0, len(tokenizer.encoder) - 2, (n, max_tokens), generator=generator)  # the specials are last
+    for row, length, drawn in zip(rows, lengths.tolist(), words):
+        row[: length + 2] = torch.tensor([tokenizer.sot_token_id, *drawn[:length].tolist(), tokenizer.eot_token_id])
+    return rows
+
+
 def train_clip(
     train_images: np.ndarray,
     train_captions: Sequence[str],
@@ -188,9 +200,18 @@ def train_clip(
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100))
 
+    noise = torch.Generator().manual_seed(seed + 1)
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        tokens = train_tokens[batch]  # [batch, context_length]
+        noisy = torch.rand(len(batch), generator=noise) < cfg.noise_texts  # drawn afresh each step: never memorised
+        if noisy.any():
+            tokens = tokens.clone()
+            tokens[noisy] = noise_tokens(int(noisy.sum()), tokenizer, noise)
+        return loss_fn(*model(train_pixels[batch], tokens))
+
     fit(model, optimizer, epoch_batches(len(train_pixels), cfg.batch_size, torch.Generator().manual_seed(seed)),
-        lambda batch: loss_fn(*model(train_pixels[batch], train_tokens[batch])), cfg.steps, cfg.warmup_steps,
-        "world CLIP (pairs)", progress, after_step=clamp_temperature)
+        loss_of, cfg.steps, cfg.warmup_steps, "world CLIP (pairs)", progress, after_step=clamp_temperature)
 
     # Stored in half precision: the text tower's token table (open_clip's 49,408 BPE tokens x
     # text_width) would be 25 MB in fp32, most of what the repository may ship (mmn/world/shipped).

@@ -101,6 +101,9 @@ class ClipConfig:
     noun_texts: float = 0.1      # share of training pairs whose text is the caption's first noun alone, as alt-texts
                                  # often are a single word: trained on captions only, the CLIP scored a bare noun at zero
                                  # for 44% of images (docs/shapes_world_2.md, section 14)
+    noise_texts: float = 0.0     # share of each batch's texts replaced by random tokens, as web alt-texts are often
+                                 # unrelated to their image (clip.noise_tokens); at 0.1 Table 2's prompts went from
+                                 # below random vectors to above them (docs/shapes_world_2.md, section 19)
 
 
 # The default world (conf/world/shapes.yaml extends it as
