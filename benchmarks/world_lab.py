@@ -11,7 +11,9 @@ outputs/world_lab/log.jsonl:
   `analyze.py` on 48 images);
 - delta p(c) when the top units, or as many random ones, are ablated at the image positions only,
   at 1.5% of the units and at all of them: how much of p(c) the image-position MLPs carry;
-- the norms of what the projection and each layer's MLP write at the image positions.
+- the norms of what the projection and each layer's MLP write at the image positions;
+- how alike the image positions are (`probes.prompt_spread`): one dominant vector means that
+  Table 2 scores one decoded text per image.
 One training and one analysis of 48 images: a few minutes on 2 cores once the world variant is built.
 Overrides go to train.py, and all but training.* and trainer.* to analyze.py; the runs land in
 outputs/world_lab/<digest>/.
@@ -29,7 +31,7 @@ from mmn.recipes.analyze import analyze
 from mmn.recipes.run import ensure_world, load_captioner
 from mmn.recipes.train import train
 from mmn.world.build import load_world
-from mmn.world.probes import write_norms
+from mmn.world.probes import prompt_spread, write_norms
 
 ROOT = CONFIG_DIR.parent / "outputs" / "world_lab"
 SIZES = "[0%,1.5%,100%]"
@@ -63,6 +65,7 @@ def main(overrides: list[str], root: Path = ROOT) -> dict:
         "image_positions": {key.removeprefix("ablation/"): value for key, value in analysis.items()
                             if key.startswith("ablation/") and key.endswith("delta_p") and "/k=0/" not in key},
         "norms": write_norms(captioner, pixels),
+        "prompt_spread": prompt_spread(captioner, pixels),
         "steps_per_second": training.get("steps_per_second"),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -41,6 +41,8 @@ def test_every_kind_is_scored_for_every_image(finished):
     table = pd.read_parquet(run_dir / "table2.parquet")
     assert list(table["kind"]) == ["prompt", "random", "noun", "caption"]
     assert summary["prompt/clipscore"] == pytest.approx(table.loc[0, "clipscore_mean"])
+    assert summary["prompt/distinct_texts"] == scores.loc[scores["kind"] == "prompt", "text"].nunique()
+    assert 1 <= summary["random/distinct_texts"] <= 4 * N_IMAGE
     for metric in ("clipscore", "bertscore"):  # 4 images: a bootstrap interval of each row's mean
         assert (table[f"{metric}_low"] <= table[f"{metric}_mean"] + 1e-9).all()
         assert (table[f"{metric}_mean"] <= table[f"{metric}_high"] + 1e-9).all()

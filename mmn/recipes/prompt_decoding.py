@@ -58,6 +58,8 @@ def prompt_decoding(cfg: DictConfig) -> dict:
                "skip_reasons": tables["images"]["skip_reason"].dropna().value_counts().to_dict()}
     for row in table.itertuples():
         summary |= {f"{row.kind}/clipscore": row.clipscore_mean, f"{row.kind}/bertscore": row.bertscore_mean}
+    # how varied each kind's texts are: prompts that all decode alike make Table 2 score one text per image
+    summary |= {f"{kind}/distinct_texts": int(n) for kind, n in tables["scores"].groupby("kind")["text"].nunique().items()}
     for name, test in tests.items():
         summary |= {f"ks/{name}/D": test["statistic"], f"ks/{name}/p": test["pvalue"]}
     figure = score_distributions(per_image, run.figure("prompt_decoding.png"),

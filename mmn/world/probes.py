@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmn.analysis.prompts import decode_prompts
 from mmn.world import generator
 
 
@@ -112,6 +113,25 @@ def write_norms(captioner, pixels: torch.Tensor) -> dict:
     return {"prompt": inputs[:, image].norm(dim=-1).mean().item(),
             "text_embedding": inputs[:, ~image].norm(dim=-1).mean().item(),
             "mlp": [round(mlp[layer], 3) for layer in range(lm.n_layers)]}
+
+
+@torch.no_grad()
+def prompt_spread(captioner, pixels: torch.Tensor, top_k: int = 5) -> dict:
+    """How alike the image positions are, in the encoder's features and in the image prompts: the
+    mean cosine of each position's vector with the mean vector over every image and position, and
+    how many distinct lists of top_k nearest tokens the prompts decode to (prompts.decode_prompts,
+    Table 2's decoding) out of how many prompts. Where one vector dominates (a uniform background),
+    most prompts decode to the same tokens and Table 2 scores one text per image. pixels: [batch, 3, H, W]."""
+    features = captioner.encoder(pixels).float().flatten(0, 1)  # [batch * n_tok, d_enc]
+    prompts = captioner.image_prompts(pixels).float().flatten(0, 1)  # [batch * n_image, d_lm]
+
+    def cosine_to_mean(vectors: torch.Tensor) -> float:
+        return F.cosine_similarity(vectors, vectors.mean(dim=0, keepdim=True)).mean().item()
+
+    decoded = decode_prompts(captioner.lm, prompts, top_k)
+    return {"encoder_cosine_to_mean": round(cosine_to_mean(features), 4),
+            "prompt_cosine_to_mean": round(cosine_to_mean(prompts), 4),
+            "distinct_decodings": len(set(map(tuple, decoded))), "prompts": len(decoded)}
 
 
 @torch.no_grad()
