@@ -303,6 +303,21 @@ def test_grid_text_shows_each_cell_as_the_encoders_patches_see_it():
         i for i in range(49) if all(m.reshape(7, 16, 7, 16).mean(axis=(1, 3)).reshape(-1)[i] < 0.1 for m in masks)}
 
 
+def test_grid_fillers_replace_the_background_token_cell_by_cell():
+    cfg = SceneConfig(image_size=112, size_scale=1.5, glyph_shift=True, order="reading", text_grid=7)
+    scene, _ = scene_at(3, "text", 5, cfg)
+    plain = re.findall(r"<[^>]+>", g.grid_text(scene, 7))
+    filled = re.findall(r"<[^>]+>", g.grid_text(scene, 7, fillers=16, rng=np.random.default_rng(0)))
+    background = [i for i, token in enumerate(plain) if token == g.GRID_BACKGROUND]
+    assert [t for i, t in enumerate(filled) if i not in background] == [t for i, t in enumerate(plain) if i not in background]
+    assert {filled[i] for i in background} <= set(g.grid_tokens(16)[-16:]) and len({filled[i] for i in background}) > 5
+    assert g.grid_text(scene, 7, background=False) == "".join(t for t in plain if t != g.GRID_BACKGROUND)
+    documents = text_corpus(40, 0, SceneConfig(**{**vars(cfg), "grid_fillers": 16}))
+    assert not any(g.GRID_BACKGROUND in d for d in documents) and sum("<f" in d for d in documents) >= 10
+    with pytest.raises(ValueError, match="grid_fillers"):
+        SceneConfig(grid_fillers=-1)
+
+
 def test_reading_order_captions_name_the_first_object_a_raster_scan_meets():
     cfg = SceneConfig(image_size=64, order="reading", text_grid=8)
     for index in range(60):

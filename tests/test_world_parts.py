@@ -18,7 +18,7 @@ from mmn.world.build import (MANIFEST_FILE, PARTS, SHIPPED_DIR, build_world, res
 from mmn.world.clip import ClipConfig, noise_tokens, noun_texts, train_clip
 from mmn.world.image_encoder import (EncoderConfig, ObjectTokenizer, TokenPredictionModel, kmeans, object_components,
                                     to_pixels, tokenize, train_image_encoder)
-from mmn.world.text_lm import TextLMConfig, train_text_lm
+from mmn.world.text_lm import TextLMConfig, build_model, fix_object_embeddings, train_text_lm
 
 TINY_LM = dict(n_texts=800, n_eval_texts=100, vocab_size=400, n_layer=2, n_embd=64, n_head=4, rotary_dim=8,
                n_inner=128, n_positions=96, seq_len=64, batch_size=8, steps=60, lr=3e-3, warmup_steps=5)
@@ -87,6 +87,24 @@ def test_grid_words_are_whole_tokens_whose_embeddings_stay_glyph_plus_colour(tmp
     assert red_minus_blue.norm() > 0.1
 
 
+def test_filler_tokens_keep_fixed_random_embeddings(tmp_path):
+    from transformers import AutoTokenizer, GPTJForCausalLM
+
+    scenes = generator.SceneConfig(image_size=64, glyph_shift=True, order="reading", text_grid=4, grid_fillers=8)
+    cfg = TextLMConfig(**{**TINY_LM, "steps": 20})
+    corpus = generator.text_corpus(300, 0, scenes)
+    train_text_lm(corpus, generator.text_corpus(50, 1, scenes), tmp_path, cfg, progress=False,
+                  words=generator.grid_tokens(8))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    rows = tokenizer.convert_tokens_to_ids(generator.grid_tokens(8)[-8:])
+    trained = GPTJForCausalLM.from_pretrained(tmp_path).get_input_embeddings().weight.detach()[rows]  # [8, d]
+    model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
+    fix_object_embeddings(model, tokenizer, seed=0)
+    assert torch.equal(trained, model.get_input_embeddings().weight.detach()[rows])  # fixed through training
+    cosines = torch.nn.functional.normalize(trained, dim=-1) @ torch.nn.functional.normalize(trained, dim=-1).T
+    assert cosines[~torch.eye(8, dtype=torch.bool)].abs().max() < 0.5  # independent directions, no shared one
+
+
 def test_object_tokenizer_finds_objects_and_ignores_colour_position_and_scale():
     image = np.full((1, 64, 64, 3), 240, np.uint8)  # light background
     image[0, 2:14, 18:30] = (220, 30, 30)           # a red square filling most of patch (0, 1)
@@ -148,6 +166,36 @@ def test_colour_tokens_separate_the_worlds_colours_and_the_head_predicts_both_fa
     logits = torch.cat([torch.nn.functional.one_hot(outline, 4), torch.nn.functional.one_hot(colour, 3)], -1).float()
     assert model.predict(logits * 10).tolist() == joint.tolist()
     assert model.loss(logits * 10, joint) < 1e-3 < model.loss(logits * 10, torch.tensor([[1, 5, 6, 3]]))
+
+
+def test_background_tokens_code_the_background_by_appearance_and_the_head_predicts_them():
+    """With background_tokens, background patches take a token by their appearance (k-means of mean
+    colour and spread, no labels): different tints get different tokens; the head scores it as a
+    third factor, whose last class says "an object"."""
+    cfg = EncoderConfig(background_tokens=12)
+    images, _ = generator.render_batch(0, 150)
+    tokens = tokenize(ObjectTokenizer.fit(torch.from_numpy(images), cfg, torch.Generator().manual_seed(0)),
+                      torch.from_numpy(images))  # [150, n_patch]
+    assert tokens.max() < cfg.n_object_tokens + 12
+    tints_of_token: dict[int, set[str]] = {}  # each plain background's commonest token -> its tints
+    for index in range(150):
+        background = generator.scene_at(0, "batch", index)[0].background
+        on_background = tokens[index][tokens[index] >= cfg.n_object_tokens]
+        if background.kind == "plain":
+            tints_of_token.setdefault(on_background.mode().values.item(), set()).add(background.tint)
+    assert len(tints_of_token) >= 4 and len(set().union(*tints_of_token.values())) == 6
+
+    model = TokenPredictionModel(EncoderConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=1,
+                                               intermediate_size=64, outline_tokens=3, colour_tokens=2,
+                                               background_tokens=2))
+    joint = torch.tensor([[0, 5, 6, 7, 3]])  # (outline 0, colour 0), (2, 1), background 0, background 1, (1, 1)
+    outline, colour, appearance = model.factors(joint)
+    assert outline.tolist() == [[0, 2, 3, 3, 1]] and colour.tolist() == [[0, 1, 2, 2, 1]]
+    assert appearance.tolist() == [[2, 2, 0, 1, 2]]
+    logits = torch.cat([torch.nn.functional.one_hot(part, size) for part, size in
+                        zip((outline, colour, appearance), (4, 3, 3))], -1).float()
+    assert model.predict(logits * 10).tolist() == joint.tolist()
+    assert model.loss(logits * 10, joint) < 1e-3 < model.loss(logits * 10, torch.tensor([[0, 5, 7, 7, 3]]))
 
 
 def test_kmeans_and_position_bias():

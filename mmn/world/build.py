@@ -142,7 +142,7 @@ def load_world(out_dir: str | Path) -> dict | None:
 
 # Scene keys that only text_corpus reads: they decide the LM's texts, not the renders or captions
 # the encoder and the CLIP train on.
-TEXT_CORPUS_KEYS = ("text_prefix_prob", "descriptions_per_text", "grid_objects_only", "grid_glossary")
+TEXT_CORPUS_KEYS = ("text_prefix_prob", "descriptions_per_text", "grid_objects_only", "grid_glossary", "grid_fillers")
 
 
 def part_key(resolved: Mapping, part: str) -> dict:
@@ -264,7 +264,7 @@ def build_world(cfg: Mapping | None = None, out_dir: str | Path = "world", force
         eval_texts = generator.text_corpus(lm_cfg.n_eval_texts, held_out_seed, scenes)
         clock = stage("lm_corpus", clock)
         metrics["lm"] = train_text_lm(train_texts, eval_texts, out_dir / "lm", lm_cfg, seed=seed,
-                                      words=generator.grid_tokens() if scenes.text_grid else ())
+                                      words=generator.grid_tokens(scenes.grid_fillers) if scenes.text_grid else ())
         clock = stage("lm", clock)
     if metrics["lm"]["context_copy_accuracy"] < MIN_CONTEXT_COPY:
         log.warning("Shapes world: the LM continues '<a scene>. A picture of' with its first shape only "

@@ -88,6 +88,7 @@ ORDERS: tuple[str, ...] = ("any", "left_to_right", "reading")
 # COLOURS). A cell belongs to the object that covers the largest share of it, if >= PATCH_COVER
 # (the rule the encoder's probes label patches by, and its tokenizer's).
 GRID_BACKGROUND = "<bg>"
+GRID_FILLER = "<f{}>"  # with SceneConfig.grid_fillers, a background cell is one of these, drawn per cell
 PATCH_COVER = 0.3
 OBJECT_TOKEN = re.compile(r"<g(\d+)c(\d+)>")
 GLOSSARY_ENTRY = re.compile(r"<g\d+c\d+> [a-z]+\.")  # "<g2c2> circle." (SceneConfig.grid_glossary)
@@ -116,6 +117,7 @@ class SceneConfig:
     text_grid: int = 0              # > 0: the LM's texts show each scene as a grid of object tokens (`grid_text`)
     grid_objects_only: float = 0.0  # share of those grids written without their background cells (`text_corpus`)
     grid_glossary: float = 0.0      # share of texts that name each object token's shape (`text_corpus`)
+    grid_fillers: int = 0           # > 0: a grid's background cells are filler tokens drawn per cell, not "<bg>" (`grid_text`)
     size_scale: float = 1.0         # multiplies every radius of SIZES (1.5: objects cover 2.25x the pixels)
     size_spread: float = 1.0        # small and large radii moved towards medium (0.4: 0.088 / 0.10 / 0.114; `radius_of`)
 
@@ -148,6 +150,8 @@ class SceneConfig:
             raise ValueError("SceneConfig.order='reading' reads the scene on its grid: set text_grid >= 1")
         if self.text_grid < 0:
             raise ValueError(f"SceneConfig.text_grid={self.text_grid} must be >= 0")
+        if self.grid_fillers < 0:
+            raise ValueError(f"SceneConfig.grid_fillers={self.grid_fillers} must be >= 0")
 
 
 def scene_config(cfg: SceneConfig | Mapping[str, Any] | None = None) -> SceneConfig:
@@ -370,9 +374,10 @@ def object_token(glyph: str, colour: str) -> str:
     return f"<g{SHAPES.index(glyph)}c{list(COLOURS).index(colour)}>"
 
 
-def grid_tokens() -> list[str]:
-    """Every token a grid text uses: background, then each (glyph, colour) pair."""
-    return [GRID_BACKGROUND] + [object_token(glyph, colour) for glyph in SHAPES for colour in COLOURS]
+def grid_tokens(fillers: int = 0) -> list[str]:
+    """Every token a grid text uses: background, then each (glyph, colour) pair, then `fillers` filler tokens."""
+    return ([GRID_BACKGROUND] + [object_token(glyph, colour) for glyph in SHAPES for colour in COLOURS]
+            + [GRID_FILLER.format(k) for k in range(fillers)])
 
 
 def object_grid(scene: Scene, grid: int) -> np.ndarray:
@@ -385,10 +390,17 @@ def object_grid(scene: Scene, grid: int) -> np.ndarray:
     return np.where(cover.max(axis=0) >= PATCH_COVER, owner, -1)
 
 
-def grid_text(scene: Scene, grid: int) -> str:
-    """The scene as a grid text: grid * grid tokens, no separators ("<bg><bg><g2c1><g2c1>...")."""
+def grid_text(scene: Scene, grid: int, fillers: int = 0, rng: np.random.Generator | None = None,
+              background: bool = True) -> str:
+    """The scene as a grid text: grid * grid tokens, no separators ("<bg><bg><g2c1><g2c1>..."). With
+    `fillers`, each background cell is a filler token drawn from `rng` ("<f17><f3><g2c1>..."), so
+    that no one token means background; without `background`, background cells are left out."""
     tokens = [object_token(o.glyph or o.shape, o.colour) for o in scene.objects]
-    return "".join(GRID_BACKGROUND if owner < 0 else tokens[owner] for owner in object_grid(scene, grid))
+    owners = object_grid(scene, grid)
+    cells = rng.integers(fillers, size=len(owners)) if fillers else None
+    return "".join(tokens[owner] if owner >= 0 else "" if not background
+                   else GRID_FILLER.format(cells[i]) if fillers else GRID_BACKGROUND
+                   for i, owner in enumerate(owners))
 
 
 def reading_order(scene: Scene, grid: int) -> list[WorldObject]:
@@ -566,9 +578,9 @@ def text_corpus(n: int, seed: int, cfg: SceneConfig | Mapping | None = None) -> 
             sentences.append(caption)
         text = ". ".join(sentences)
         if cfg.text_grid:
-            grid = grid_text(scene, cfg.text_grid)
+            grid = grid_text(scene, cfg.text_grid, cfg.grid_fillers, rng)
             if rng.random() < cfg.grid_objects_only:
-                grid = grid.replace(GRID_BACKGROUND, "")
+                grid = grid_text(scene, cfg.text_grid, background=False)
             text = grid + (text if text[0].isupper() else " " + text)
         documents.append(text)
     return documents

@@ -187,6 +187,14 @@ def object_colours(pixels: torch.Tensor, components: np.ndarray, owners: np.ndar
     return torch.stack(colours) if colours else torch.empty(0, 3)
 
 
+def patch_appearance(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Each patch's mean colour and pixel spread (the standard deviation, averaged over channels),
+    normalised pixels.  [batch, 3, H, W] -> [batch, n_patch, 4]"""
+    mean = F.avg_pool2d(pixels, patch_size)  # [batch, 3, rows, cols]
+    spread = (F.avg_pool2d(pixels**2, patch_size) - mean**2).clamp_min(0).sqrt().mean(dim=1, keepdim=True)
+    return torch.cat([mean, spread], dim=1).flatten(2).transpose(1, 2)
+
+
 def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 30) -> torch.Tensor:
     """Lloyd's k-means from a k-means++ start.  [n, dim] -> centroids [k, dim]"""
     centroids = points[torch.randint(len(points), (1,), generator=generator)]
@@ -204,28 +212,36 @@ class ObjectTokenizer:
     """The world's stand-in for BEiT's dVAE tokenizer: k-means centroids of object outlines (and,
     with `colour_tokens`, of object colours), fit on training images. A patch's token is that of the
     object covering most of it (outline cluster x colour_tokens + colour cluster), or the
-    background token (`cfg.n_object_tokens`) when no object covers PATCH_COVER of it."""
+    background token (`cfg.n_object_tokens`) when no object covers PATCH_COVER of it; with
+    `background_tokens`, n_object_tokens + the cluster of the background patch's appearance
+    (`patch_appearance`), as a dVAE's tokens code every patch."""
 
-    def __init__(self, centroids: torch.Tensor, cfg: EncoderConfig, colour_centroids: torch.Tensor | None = None):
+    def __init__(self, centroids: torch.Tensor, cfg: EncoderConfig, colour_centroids: torch.Tensor | None = None,
+                 background_centroids: torch.Tensor | None = None):
         self.centroids, self.cfg = centroids, cfg  # [outline_tokens, outline_pixels^2 + 1]
         self.colour_centroids = colour_centroids  # [colour_tokens, 3] or None: tokens free of colour
+        self.background_centroids = background_centroids  # [background_tokens, 4] or None: one background token
 
     @classmethod
     def fit(cls, images: torch.Tensor, cfg: EncoderConfig, generator: torch.Generator, chunk: int = 100) -> "ObjectTokenizer":
         """images: uint8 [n, H, W, 3]."""
-        outlines, colours = [], []
+        outlines, colours, backgrounds = [], [], []
         for start in range(0, len(images), chunk):
             pixels = to_pixels(images[start : start + chunk])
             components = object_components(pixels)
             found, owners = describe_outlines(components, cfg.outline_pixels)
             outlines.append(found)
             colours.append(object_colours(pixels, components, owners))
+            if cfg.background_tokens:
+                on_background = patch_objects(components, cfg.patch_size) == 0  # [chunk, n_patch]
+                backgrounds.append(patch_appearance(pixels, cfg.patch_size)[on_background])
         outlines, colours = torch.cat(outlines), torch.cat(colours)
         if len(outlines) < max(cfg.outline_tokens, cfg.colour_tokens):
             raise ValueError(f"the world encoder's tokenizer found {len(outlines)} objects in {len(images)} images, "
                              f"fewer than encoder.outline_tokens={cfg.outline_tokens} or colour_tokens={cfg.colour_tokens}")
         colour_centroids = kmeans(colours, cfg.colour_tokens, generator) if cfg.colour_tokens else None
-        return cls(kmeans(outlines, cfg.outline_tokens, generator), cfg, colour_centroids)
+        background_centroids = kmeans(torch.cat(backgrounds), cfg.background_tokens, generator) if backgrounds else None
+        return cls(kmeans(outlines, cfg.outline_tokens, generator), cfg, colour_centroids, background_centroids)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [batch, H, W, 3] -> long [batch, n_patch]: each patch's token."""
@@ -238,7 +254,13 @@ class ObjectTokenizer:
             token = token * len(self.colour_centroids) + colour
         token_of = torch.full((len(images), int(components.max(initial=0)) + 1), self.cfg.n_object_tokens)  # object -> token
         token_of[torch.from_numpy(owners[:, 0]), torch.from_numpy(owners[:, 1])] = token
-        return token_of.gather(1, patch_objects(components, self.cfg.patch_size))
+        patches = patch_objects(components, self.cfg.patch_size)  # [batch, n_patch], 0 = background
+        tokens = token_of.gather(1, patches)
+        if self.background_centroids is not None:
+            on_background = patches == 0
+            appearance = patch_appearance(pixels, self.cfg.patch_size)[on_background]  # [n_background, 4]
+            tokens[on_background] = self.cfg.n_object_tokens + torch.cdist(appearance, self.background_centroids).argmin(dim=1)
+        return tokens
 
 
 def patch_objects(components: np.ndarray, patch_size: int) -> torch.Tensor:
@@ -271,7 +293,8 @@ class TokenPredictionModel(torch.nn.Module):
         self.encoder = BeitModel(beit_config(cfg))
         if cfg.position_bias_slopes:
             locality_position_bias(self.encoder, tuple(cfg.position_bias_slopes))
-        self.factor_sizes = [cfg.outline_tokens + 1] + ([cfg.colour_tokens + 1] if cfg.colour_tokens else [])
+        self.factor_sizes = ([cfg.outline_tokens + 1] + ([cfg.colour_tokens + 1] if cfg.colour_tokens else [])
+                             + ([cfg.background_tokens + 1] if cfg.background_tokens else []))
         self.head = torch.nn.Linear(cfg.hidden_size, sum(self.factor_sizes))
         self.cfg = cfg
         self.autocast = cfg.bf16 and torch.cpu._is_avx512_bf16_supported()
@@ -283,22 +306,32 @@ class TokenPredictionModel(torch.nn.Module):
         return self.head(hidden.float())
 
     def factors(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Tokens (long [batch, n_patch]) -> one tensor per factor: [outline] or [outline, colour],
-        the background the last index of each."""
-        if not self.cfg.colour_tokens:
-            return [tokens]
-        n_colour, background = self.cfg.colour_tokens, tokens >= self.cfg.n_object_tokens
-        return [torch.where(background, self.cfg.outline_tokens, tokens // n_colour),
-                torch.where(background, n_colour, tokens % n_colour)]
+        """Tokens (long [batch, n_patch]) -> one tensor per factor: the outline, the colour (with
+        colour_tokens), each with the background as its last index, and the background's appearance
+        (with background_tokens), "an object" its last index."""
+        cfg, background = self.cfg, tokens >= self.cfg.n_object_tokens
+        if cfg.colour_tokens:
+            parts = [torch.where(background, cfg.outline_tokens, tokens // cfg.colour_tokens),
+                     torch.where(background, cfg.colour_tokens, tokens % cfg.colour_tokens)]
+        else:
+            parts = [torch.where(background, cfg.outline_tokens, tokens)]
+        if cfg.background_tokens:
+            parts.append(torch.where(background, tokens - cfg.n_object_tokens, cfg.background_tokens))
+        return parts
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        """The most likely token of each patch (background when any factor says background)."""
-        best = [part.argmax(-1) for part in logits.split(self.factor_sizes, dim=-1)]
-        if len(best) == 1:
-            return best[0]
-        (outline, colour), n_colour = best, self.cfg.colour_tokens
-        background = (outline == self.cfg.outline_tokens) | (colour == n_colour)
-        return torch.where(background, self.cfg.n_object_tokens, outline * n_colour + colour)
+        """The most likely token of each patch (background when the outline or the colour says so)."""
+        cfg, parts = self.cfg, logits.split(self.factor_sizes, dim=-1)
+        token = outline = parts[0].argmax(-1)
+        background = outline == cfg.outline_tokens
+        if cfg.colour_tokens:
+            colour = parts[1].argmax(-1)
+            background |= colour == cfg.colour_tokens
+            token = outline * cfg.colour_tokens + colour
+        background_token = cfg.n_object_tokens
+        if cfg.background_tokens:  # the likeliest appearance, "an object" aside
+            background_token = background_token + parts[-1][..., :-1].argmax(-1)
+        return torch.where(background, background_token, token)
 
     def loss(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the patch tokens (long [batch, n_patch]) given this model's logits, summed

@@ -57,6 +57,8 @@ class EncoderConfig:
     colour_tokens: int = 6      # k-means clusters of object colours: a token is (outline, colour), as a dVAE's tokens
                                 # carry colour; the captioner names a shape right 0.91 of the time (0 = outline only: 0.75;
                                 # docs/shapes_world_2.md, 15)
+    background_tokens: int = 0  # k-means clusters of background patches' appearance (mean colour, pixel spread): the
+                                # tokens code the background too, as a dVAE's do (0 = one background token)
     batch_size: int = 16
     steps: int = 9000           # with colour tokens the glyph is read per patch 0.97 of the time (6,000 steps: 0.94)
     lr: float = 8e-3

@@ -88,10 +88,14 @@ def fix_object_embeddings(model: GPTJForCausalLM, tokenizer, seed: int) -> torch
     and colour apart; a token whose embedding is a free vector could name its shape directly, and
     then no linear projection could write it. With the sum, what the text shows the LM is exactly
     what a linear projection can write, and the shape (a non-linear function of glyph and colour
-    under glyph_shift) must be computed by the LM's own MLP units: the multimodal neurons."""
-    from mmn.world.generator import OBJECT_TOKEN
+    under glyph_shift) must be computed by the LM's own MLP units: the multimodal neurons.
 
-    found = [(index, OBJECT_TOKEN.fullmatch(token)) for token, index in tokenizer.get_vocab().items()]
+    Filler tokens "<fK>" (SceneConfig.grid_fillers) get independent random vectors of an object
+    token's scale, fixed too, so that no one direction comes to mean background."""
+    from mmn.world.generator import GRID_FILLER, OBJECT_TOKEN
+
+    vocab = tokenizer.get_vocab()
+    found = [(index, OBJECT_TOKEN.fullmatch(token)) for token, index in vocab.items()]
     found = [(index, int(m.group(1)), int(m.group(2))) for index, m in found if m]
     if not found:
         return None
@@ -102,6 +106,11 @@ def fix_object_embeddings(model: GPTJForCausalLM, tokenizer, seed: int) -> torch
     colour_vectors = torch.randn(int(colours.max()) + 1, width, generator=generator) * scale  # [n_colour, d]
     embedding = model.get_input_embeddings().weight  # [rows, d]
     fixed = glyph_vectors[glyphs] + colour_vectors[colours]  # [n_object_tokens, d]
+    filler = re.compile(GRID_FILLER.format(r"(\d+)"))
+    fillers = sorted((int(m.group(1)), index) for token, index in vocab.items() if (m := filler.fullmatch(token)))
+    if fillers:  # in the order of their numbers; a sum of two random vectors has sqrt(2) times their scale
+        rows = torch.cat([rows, torch.tensor([index for _, index in fillers])])
+        fixed = torch.cat([fixed, torch.randn(len(fillers), width, generator=generator) * scale * math.sqrt(2)])
     with torch.no_grad():
         embedding[rows] = fixed
     return rows
