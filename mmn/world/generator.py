@@ -397,10 +397,11 @@ def grid_text(scene: Scene, grid: int, fillers: int = 0, rng: np.random.Generato
     that no one token means background; without `background`, background cells are left out."""
     tokens = [object_token(o.glyph or o.shape, o.colour) for o in scene.objects]
     owners = object_grid(scene, grid)
-    cells = rng.integers(fillers, size=len(owners)) if fillers else None
-    return "".join(tokens[owner] if owner >= 0 else "" if not background
-                   else GRID_FILLER.format(cells[i]) if fillers else GRID_BACKGROUND
-                   for i, owner in enumerate(owners))
+    if not background:
+        return "".join(tokens[owner] for owner in owners if owner >= 0)
+    empty = ([GRID_FILLER.format(k) for k in rng.integers(fillers, size=len(owners))] if fillers
+             else [GRID_BACKGROUND] * len(owners))  # what each cell shows if no object covers it
+    return "".join(tokens[owner] if owner >= 0 else empty[cell] for cell, owner in enumerate(owners))
 
 
 def reading_order(scene: Scene, grid: int) -> list[WorldObject]:
