@@ -89,6 +89,8 @@ ORDERS: tuple[str, ...] = ("any", "left_to_right", "reading")
 # (the rule the encoder's probes label patches by, and its tokenizer's).
 GRID_BACKGROUND = "<bg>"
 GRID_FILLER = "<f{}>"  # with SceneConfig.grid_fillers, a background cell is one of these, drawn per cell
+FILLER_TOKEN = re.compile(r"<f(\d+)>")
+EMPTY_CELL = re.compile(r"<bg>|<f\d+>")  # what a grid shows where no object is
 PATCH_COVER = 0.3
 OBJECT_TOKEN = re.compile(r"<g(\d+)c(\d+)>")
 GLOSSARY_ENTRY = re.compile(r"<g\d+c\d+> [a-z]+\.")  # "<g2c2> circle." (SceneConfig.grid_glossary)
@@ -390,15 +392,12 @@ def object_grid(scene: Scene, grid: int) -> np.ndarray:
     return np.where(cover.max(axis=0) >= PATCH_COVER, owner, -1)
 
 
-def grid_text(scene: Scene, grid: int, fillers: int = 0, rng: np.random.Generator | None = None,
-              background: bool = True) -> str:
+def grid_text(scene: Scene, grid: int, fillers: int = 0, rng: np.random.Generator | None = None) -> str:
     """The scene as a grid text: grid * grid tokens, no separators ("<bg><bg><g2c1><g2c1>..."). With
     `fillers`, each background cell is a filler token drawn from `rng` ("<f17><f3><g2c1>..."), so
-    that no one token means background; without `background`, background cells are left out."""
+    that no one token means background."""
     tokens = [object_token(o.glyph or o.shape, o.colour) for o in scene.objects]
     owners = object_grid(scene, grid)
-    if not background:
-        return "".join(tokens[owner] for owner in owners if owner >= 0)
     empty = ([GRID_FILLER.format(k) for k in rng.integers(fillers, size=len(owners))] if fillers
              else [GRID_BACKGROUND] * len(owners))  # what each cell shows if no object covers it
     return "".join(tokens[owner] if owner >= 0 else empty[cell] for cell, owner in enumerate(owners))
@@ -581,7 +580,7 @@ def text_corpus(n: int, seed: int, cfg: SceneConfig | Mapping | None = None) -> 
         if cfg.text_grid:
             grid = grid_text(scene, cfg.text_grid, cfg.grid_fillers, rng)
             if rng.random() < cfg.grid_objects_only:
-                grid = grid_text(scene, cfg.text_grid, background=False)
+                grid = EMPTY_CELL.sub("", grid)
             text = grid + (text if text[0].isupper() else " " + text)
         documents.append(text)
     return documents

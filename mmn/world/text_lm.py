@@ -92,7 +92,7 @@ def fix_object_embeddings(model: GPTJForCausalLM, tokenizer, seed: int) -> torch
 
     Filler tokens "<fK>" (SceneConfig.grid_fillers) get independent random vectors of an object
     token's scale, fixed too, so that no one direction comes to mean background."""
-    from mmn.world.generator import GRID_FILLER, OBJECT_TOKEN
+    from mmn.world.generator import FILLER_TOKEN, OBJECT_TOKEN
 
     vocab = tokenizer.get_vocab()
     found = [(index, OBJECT_TOKEN.fullmatch(token)) for token, index in vocab.items()]
@@ -106,8 +106,7 @@ def fix_object_embeddings(model: GPTJForCausalLM, tokenizer, seed: int) -> torch
     colour_vectors = torch.randn(int(colours.max()) + 1, width, generator=generator) * scale  # [n_colour, d]
     embedding = model.get_input_embeddings().weight  # [rows, d]
     fixed = glyph_vectors[glyphs] + colour_vectors[colours]  # [n_object_tokens, d]
-    filler = re.compile(GRID_FILLER.format(r"(\d+)"))
-    fillers = sorted((int(m.group(1)), index) for token, index in vocab.items() if (m := filler.fullmatch(token)))
+    fillers = sorted((int(m.group(1)), index) for token, index in vocab.items() if (m := FILLER_TOKEN.fullmatch(token)))
     if fillers:  # in the order of their numbers; a sum of two random vectors has sqrt(2) times their scale
         rows = torch.cat([rows, torch.tensor([index for _, index in fillers])])
         fixed = torch.cat([fixed, torch.randn(len(fillers), width, generator=generator) * scale * math.sqrt(2)])
