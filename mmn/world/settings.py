@@ -35,6 +35,9 @@ class TextLMConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.1  # GPT-J's; at 0.01 layer 0's units fired on most tokens and every category
     #                            shared them, so S.4's rows were flat (docs/shapes_world_2.md, section 18)
+    filler_noise: bool = False  # each filler cell (scenes.grid_fillers) reads a fresh random vector in training, so
+    #                             any vector that is no object's reads as background: with encoder.background_tokens
+    #                             Table 2 holds on every run, but selectivity falls to 5 of 8 (docs/shapes_world_2.md, 20)
 
 
 @dataclass

@@ -37,6 +37,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Tokenizer, GPTJConfig, GPTJForCausalLM
 
+from mmn.world.generator import FILLER_TOKEN, OBJECT_TOKEN
 from mmn.world.optimise import fit
 from mmn.world.settings import TextLMConfig
 
@@ -92,8 +93,6 @@ def fix_object_embeddings(model: GPTJForCausalLM, tokenizer, seed: int) -> torch
 
     Filler tokens "<fK>" (SceneConfig.grid_fillers) get independent random vectors of an object
     token's scale, fixed too, so that no one direction comes to mean background."""
-    from mmn.world.generator import FILLER_TOKEN, OBJECT_TOKEN
-
     vocab = tokenizer.get_vocab()
     found = [(index, OBJECT_TOKEN.fullmatch(token)) for token, index in vocab.items()]
     found = [(index, int(m.group(1)), int(m.group(2))) for index, m in found if m]
@@ -273,8 +272,23 @@ def train_text_lm(
             with torch.no_grad():
                 embedding[object_rows] = fixed
 
+    fillers = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    fillers[[i for token, i in tokenizer.get_vocab().items() if FILLER_TOKEN.fullmatch(token)]] = True
+    if cfg.filler_noise and not fillers.any():
+        raise ValueError("lm.filler_noise=true needs filler tokens in the grid texts (scenes.grid_fillers > 0)")
+    noise_rng = torch.Generator().manual_seed(seed + 1)
+    filler_scale = model.config.initializer_range * math.sqrt(2)  # an object token's scale, as the fixed fillers'
+
     def loss_of(ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, labels=ids.masked_fill(is_word[ids], -100)).loss  # HF ignores -100
+        labels = ids.masked_fill(is_word[ids], -100)  # HF ignores -100
+        if not cfg.filler_noise:
+            return model(input_ids=ids, labels=labels).loss
+        # a background cell is any vector that is no object's: fresh noise at each occurrence, never one direction
+        embeds = model.get_input_embeddings()(ids)  # [batch, pos, d]
+        is_filler = fillers[ids]  # [batch, pos]
+        noise = torch.randn(int(is_filler.sum()), embeds.shape[-1], generator=noise_rng) * filler_scale
+        embeds = embeds.masked_scatter(is_filler[..., None], noise.to(embeds.dtype))
+        return model(inputs_embeds=embeds, labels=labels).loss
 
     fit(model, optimizer, windows(), loss_of, cfg.steps, cfg.warmup_steps,
         "world LM (text only)", progress, after_step=keep_object_embeddings)
