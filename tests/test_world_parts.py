@@ -108,18 +108,18 @@ def test_filler_tokens_keep_fixed_random_embeddings(tmp_path):
 def test_filler_noise_feeds_background_cells_fresh_noise(tmp_path):
     scenes = generator.SceneConfig(image_size=64, glyph_shift=True, order="reading", text_grid=4, grid_fillers=1)
     corpus, held_out = generator.text_corpus(300, 0, scenes), generator.text_corpus(50, 1, scenes)
-    cfg = TextLMConfig(**{**TINY_LM, "steps": 20})
-    fixed = train_text_lm(corpus, held_out, tmp_path / "fixed", cfg, progress=False, words=generator.grid_tokens(1))
-    noisy = train_text_lm(corpus, held_out, tmp_path / "noisy", TextLMConfig(**{**vars(cfg), "filler_noise": True}),
-                          progress=False, words=generator.grid_tokens(1))
-    again = train_text_lm(corpus, held_out, tmp_path / "again", TextLMConfig(**{**vars(cfg), "filler_noise": True}),
-                          progress=False, words=generator.grid_tokens(1))
+    fixed_cfg = TextLMConfig(**{**TINY_LM, "steps": 20})
+    noisy_cfg = TextLMConfig(**{**TINY_LM, "steps": 20, "filler_noise": True})
+
+    def train(name, cfg, texts=corpus, words=generator.grid_tokens(1)):
+        return train_text_lm(texts, held_out, tmp_path / name, cfg, progress=False, words=words)
+
+    fixed, noisy, again = train("fixed", fixed_cfg), train("noisy", noisy_cfg), train("again", noisy_cfg)
     assert noisy["eval_loss"] != fixed["eval_loss"]  # the background cells read noise, not their token's row
     assert noisy["eval_loss"] == again["eval_loss"]  # seeded: the same noise on a rebuild
     assert noisy["eval_perplexity"] < 0.5 * noisy["eval_perplexity_untrained"]
     with pytest.raises(ValueError, match="filler_noise=true needs filler tokens"):
-        train_text_lm(generator.text_corpus(300, 0), held_out, tmp_path / "none",
-                      TextLMConfig(**{**vars(cfg), "filler_noise": True}), progress=False)
+        train("none", noisy_cfg, texts=generator.text_corpus(300, 0), words=())  # word texts: no grid, no fillers
 
 
 def test_object_tokenizer_finds_objects_and_ignores_colour_position_and_scale():
