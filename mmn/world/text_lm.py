@@ -235,6 +235,8 @@ def train_text_lm(
     cfg = cfg or TextLMConfig()
     if not train_texts or not eval_texts:
         raise ValueError(f"train_text_lm: need training and held-out texts, got {len(train_texts)} and {len(eval_texts)}")
+    if cfg.filler_noise and not any(FILLER_TOKEN.fullmatch(word) for word in words):
+        raise ValueError("lm.filler_noise=true needs filler tokens in the grid texts (scenes.grid_fillers > 0)")
     started = time.perf_counter()
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
@@ -256,6 +258,8 @@ def train_text_lm(
     # its updates on predicting background cells).
     is_word = torch.zeros(model.config.vocab_size, dtype=torch.bool)
     is_word[tokenizer.convert_tokens_to_ids(list(words))] = True
+    filler_rows = torch.zeros_like(is_word)  # the background cells' tokens (scenes.grid_fillers)
+    filler_rows[tokenizer.convert_tokens_to_ids([word for word in words if FILLER_TOKEN.fullmatch(word)])] = True
     eval_loss_init = mean_loss(model, eval_stream, cfg.seq_len, context_only=is_word)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -272,10 +276,6 @@ def train_text_lm(
             with torch.no_grad():
                 embedding[object_rows] = fixed
 
-    fillers = torch.zeros(model.config.vocab_size, dtype=torch.bool)
-    fillers[[i for token, i in tokenizer.get_vocab().items() if FILLER_TOKEN.fullmatch(token)]] = True
-    if cfg.filler_noise and not fillers.any():
-        raise ValueError("lm.filler_noise=true needs filler tokens in the grid texts (scenes.grid_fillers > 0)")
     noise_rng = torch.Generator().manual_seed(seed + 1)
     filler_scale = model.config.initializer_range * math.sqrt(2)  # an object token's scale, as the fixed fillers'
 
@@ -285,7 +285,7 @@ def train_text_lm(
             return model(input_ids=ids, labels=labels).loss
         # a background cell is any vector that is no object's: fresh noise at each occurrence, never one direction
         embeds = model.get_input_embeddings()(ids)  # [batch, pos, d]
-        is_filler = fillers[ids]  # [batch, pos]
+        is_filler = filler_rows[ids]  # [batch, pos]
         noise = torch.randn(int(is_filler.sum()), embeds.shape[-1], generator=noise_rng) * filler_scale
         embeds = embeds.masked_scatter(is_filler[..., None], noise.to(embeds.dtype))
         return model(inputs_embeds=embeds, labels=labels).loss
