@@ -71,7 +71,7 @@ def lab_lm(cfg: TextLMConfig, scenes: generator.SceneConfig, seed: int, out_dir:
     train_texts = generator.text_corpus(cfg.n_texts, seed, scenes)
     eval_texts = generator.text_corpus(cfg.n_eval_texts, seed + HELD_OUT_SEED_OFFSET, scenes)
     metrics = train_text_lm(train_texts, eval_texts, out_dir, cfg, seed=seed,
-                            words=generator.grid_tokens() if scenes.text_grid else ())
+                            words=generator.grid_tokens(scenes.grid_fillers) if scenes.text_grid else ())
     return {"context_copy_accuracy": metrics["context_copy_accuracy"], "eval_loss": round(metrics["eval_loss"], 4),
             "seconds": round(metrics["seconds"])}
 

@@ -21,7 +21,8 @@ from mmn.world.image_encoder import (EncoderConfig, ObjectTokenizer, TokenPredic
 from mmn.world.text_lm import TextLMConfig, build_model, fix_object_embeddings, train_text_lm
 
 TINY_LM = dict(n_texts=800, n_eval_texts=100, vocab_size=400, n_layer=2, n_embd=64, n_head=4, rotary_dim=8,
-               n_inner=128, n_positions=96, seq_len=64, batch_size=8, steps=60, lr=3e-3, warmup_steps=5)
+               n_inner=128, n_positions=96, seq_len=64, batch_size=8, steps=60, lr=3e-3, warmup_steps=5,
+               filler_noise=False)  # on where a test names it: most texts here have no filler cells
 TINY_ENCODER = dict(n_images=24, n_eval_images=8, image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=1,
                     num_attention_heads=2, position_bias_slopes=(1.0, 0.0), intermediate_size=64, outline_tokens=4,
                     batch_size=8, steps=30, lr=3e-3, warmup_steps=3)
@@ -164,7 +165,7 @@ def test_colour_tokens_separate_the_worlds_colours_and_the_head_predicts_both_fa
     cfg = EncoderConfig(colour_tokens=6)
     images, _ = generator.render_batch(0, 150)
     tokenizer = ObjectTokenizer.fit(torch.from_numpy(images), cfg, torch.Generator().manual_seed(0))
-    tokens = tokenize(tokenizer, torch.from_numpy(images))  # [150, n_patch], background = n_object_tokens
+    tokens = tokenize(tokenizer, torch.from_numpy(images))  # [150, n_patch], background >= n_object_tokens
     colours_of_token: dict[int, set[str]] = {}
     for index in range(150):
         scene, _ = generator.scene_at(0, "batch", index)
@@ -176,8 +177,9 @@ def test_colour_tokens_separate_the_worlds_colours_and_the_head_predicts_both_fa
     assert sorted(map(sorted, colours_of_token.values())) == [[colour] for colour in sorted(generator.COLOURS)]
 
     model = TokenPredictionModel(EncoderConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=1,
-                                               intermediate_size=64, outline_tokens=3, colour_tokens=2))
-    joint = torch.tensor([[0, 5, 6, 3]])  # (outline 0, colour 0), (2, 1), background, (1, 1)
+                                               intermediate_size=64, outline_tokens=3, colour_tokens=2,
+                                               background_tokens=0))
+    joint = torch.tensor([[0, 5, 6, 3]])  # (outline 0, colour 0), (2, 1), the one background token, (1, 1)
     outline, colour = model.factors(joint)
     assert outline.tolist() == [[0, 2, 3, 1]] and colour.tolist() == [[0, 1, 2, 1]]
     logits = torch.cat([torch.nn.functional.one_hot(outline, 4), torch.nn.functional.one_hot(colour, 3)], -1).float()
@@ -420,6 +422,10 @@ def test_world_config_errors_name_the_key(tmp_path):
         resolve_world_config({"clip": {"noise_texts": 1.5}})
     with pytest.raises(ValueError, match="size_scale"):
         resolve_world_config({"scenes": {"size_scale": 5.0}})
+    with pytest.raises(ValueError, match="filler_noise=true needs grid texts with filler cells, got scenes.text_grid=7 "
+                                         "and scenes.grid_fillers=0; set world.lm.filler_noise=false"):
+        resolve_world_config({"scenes": {"grid_fillers": 0}})
+    assert not resolve_world_config({"scenes": {"grid_fillers": 0}, "lm": {"filler_noise": False}})["lm"]["filler_noise"]
     assert not (tmp_path / "world.json").exists()
 
 
