@@ -113,10 +113,11 @@ def resolve_world_config(cfg: Mapping | None = None) -> dict:
     if text_grid and text_grid != encoder["image_size"] // encoder["patch_size"]:
         raise ValueError(f"world config scenes.text_grid={text_grid} must be the encoder's patch grid, "
                          f"encoder.image_size / encoder.patch_size = {encoder['image_size'] // encoder['patch_size']}")
-    if resolved["lm"]["filler_noise"] and not (text_grid and resolved["scenes"].get("grid_fillers", 0)):
+    fillers = resolved["scenes"].get("grid_fillers", 0)
+    if resolved["lm"]["filler_noise"] and not (text_grid and fillers):
         raise ValueError(f"world config lm.filler_noise=true needs grid texts with filler cells, got scenes.text_grid="
-                         f"{text_grid} and scenes.grid_fillers={resolved['scenes'].get('grid_fillers', 0)}; "
-                         f"set world.lm.filler_noise=false for texts without them")
+                         f"{text_grid} and scenes.grid_fillers={fillers}; set world.lm.filler_noise=false for texts "
+                         f"without them")
     return _plain(resolved)
 
 
