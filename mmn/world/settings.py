@@ -37,8 +37,8 @@ class TextLMConfig:
     #                            shared them, so S.4's rows were flat (docs/shapes_world_2.md, section 18)
     filler_noise: bool = True  # each filler cell (scenes.grid_fillers) reads a fresh random vector in training, so
     #                            any vector that is no object's reads as background: with the encoder's background
-    #                            tokens, Table 2's prompts pass as random vectors at 100 images on every run (not at
-    #                            200); with one background row the LM learned, they scored below them (shapes_world_2.md, 20-21)
+    #                            tokens, Table 2's prompts pass as random vectors at 100 images on every run (not
+    #                            at 200); with one learned background row they scored below them (shapes_world_2.md, 20-21)
 
 
 @dataclass
