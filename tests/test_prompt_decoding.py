@@ -34,19 +34,25 @@ def test_every_kind_is_scored_for_every_image(finished):
     counts = scores.groupby(["kind", "image_id"]).size().unstack(0)
     assert len(counts) == summary["images"] == 4
     assert (counts["prompt"] == N_IMAGE).all() and (counts["random"] == N_IMAGE).all()  # one text per image prompt
+    assert (counts["other_prompt"] == N_IMAGE).all()
+    texts = scores.set_index(["kind", "image_id", "position"])["text"].sort_index()
+    first, second = sorted(scores["image_id"].unique())[:2]  # one batch of two: each gets the other's prompts
+    assert texts["other_prompt", first].equals(texts["prompt", second])
+    assert texts["other_prompt", second].equals(texts["prompt", first])
     assert (counts["caption"] == 1).all() and (counts["noun"] >= 1).all()
     decoded = scores[scores["kind"].isin(["prompt", "random"])]
     assert decoded["text"].str.count(", ").eq(4).all()  # 5 tokens, comma-separated
     assert scores["clipscore"].between(0, 100).all() and scores["bertscore"].between(-1, 1).all()
     table = pd.read_parquet(run_dir / "table2.parquet")
-    assert list(table["kind"]) == ["prompt", "random", "noun", "caption"]
+    assert list(table["kind"]) == ["prompt", "random", "other_prompt", "noun", "caption"]
     assert summary["prompt/clipscore"] == pytest.approx(table.loc[0, "clipscore_mean"])
     assert summary["prompt/distinct_texts"] == scores.loc[scores["kind"] == "prompt", "text"].nunique()
     assert 1 <= summary["random/distinct_texts"] <= 4 * N_IMAGE
     for metric in ("clipscore", "bertscore"):  # 4 images: a bootstrap interval of each row's mean
         assert (table[f"{metric}_low"] <= table[f"{metric}_mean"] + 1e-9).all()
         assert (table[f"{metric}_mean"] <= table[f"{metric}_high"] + 1e-9).all()
-    assert 0 <= summary["ks/prompt_vs_random/D"] <= 1 and 0 <= summary["ks/prompt_vs_random/p"] <= 1
+    for test in ("prompt_vs_random", "prompt_vs_other_prompt"):
+        assert 0 <= summary[f"ks/{test}/D"] <= 1 and 0 <= summary[f"ks/{test}/p"] <= 1
     assert (run_dir / "figures" / "prompt_decoding.png").is_file()
     assert json.loads((run_dir / "summary.json").read_text())["images"] == 4
 
@@ -71,6 +77,10 @@ def test_table2_is_the_mean_over_images_of_per_image_means():
     assert tests["prompt_vs_noun"]["statistic"] == 1.0 and tests["prompt_vs_noun"]["n_a"] == 4  # per image, separated
     assert tests["prompt_vs_random"]["statistic"] == pytest.approx(0.75)
     assert tests["noun_vs_random"]["statistic"] == 1.0  # nouns 70-95, random 0-30 per image
+    assert "prompt_vs_other_prompt" not in tests  # not scored here
+    other = scores[scores["kind"] == "prompt"].assign(kind="other_prompt", clipscore=lambda rows: rows["clipscore"] - 30)
+    tests = table2(pd.concat([scores, other]))[2]  # per image 15, 40, 50, 60 against -15, 10, 20, 30
+    assert tests["prompt_vs_other_prompt"]["statistic"] == pytest.approx(0.75)
     table = table.set_index("kind")
     low, high = table.loc["prompt", ["clipscore_low", "clipscore_high"]]  # per image: 15, 40, 50, 60
     assert 15 <= low < table.loc["prompt", "clipscore_mean"] < high <= 60

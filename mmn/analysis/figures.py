@@ -70,6 +70,7 @@ def layer_distribution(neurons: pd.DataFrame, n_layers: int, path: Path, title: 
 
 
 KIND_STYLE = {"prompt": ("image prompts, decoded", "tab:blue"), "random": ("random vectors, decoded", "tab:gray"),
+              "other_prompt": ("another image's prompts, decoded", "tab:purple"),
               "noun": ("nouns of the human captions", "tab:green"), "caption": ("generated captions", "tab:red")}
 
 

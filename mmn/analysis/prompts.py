@@ -86,7 +86,7 @@ def ks_test(a: Sequence[float] | Tensor | np.ndarray, b: Sequence[float] | Tenso
 
 # ----------------------------------------------------------------------------- Table 2
 
-KINDS = ("prompt", "random", "noun", "caption")  # the rows of Table 2
+KINDS = ("prompt", "random", "other_prompt", "noun", "caption")  # the rows of Table 2
 
 
 @torch.no_grad()
@@ -96,6 +96,10 @@ def texts_to_score(captioner, items: Sequence[dict], finder, generator: torch.Ge
     kind, image_id, position and text:
       prompt   each image prompt's top_k nearest tokens, as the comma-separated string the paper scores
       random   the same for as many random vectors, each with its prompt's norm (norm_matched) or N(0, I)
+      other_prompt  the next image's (in the batch) prompts, as decoded for it: a control beside the paper's.
+               A gap between prompts and random vectors can come from what prompts decode to whatever
+               the image (their texts' distribution), not from the image; scored against another image, the
+               same texts keep the first and lose the second (none for a batch of one image)
       noun     the first noun of each human caption (the paper's "COCO nouns")
       caption  the captioner's greedy caption"""
     pixels = captioner.preprocess([item["image"] for item in items])
@@ -107,9 +111,12 @@ def texts_to_score(captioner, items: Sequence[dict], finder, generator: torch.Ge
     captions = captioner.tokenizer.batch_decode(captioner.generate(pixels, max_new_tokens), skip_special_tokens=True)
     rows = []
     for i, item in enumerate(items):
-        for kind, tokens in decoded.items():
+        sources = {"prompt": ("prompt", i), "random": ("random", i)}
+        if batch > 1:
+            sources["other_prompt"] = ("prompt", (i + 1) % batch)
+        for kind, (decoding, image) in sources.items():
             rows += [{"kind": kind, "image_id": item["image_id"], "position": p,
-                      "text": join_tokens(tokens[i * n_image + p])} for p in range(n_image)]
+                      "text": join_tokens(decoded[decoding][image * n_image + p])} for p in range(n_image)]
         nouns = [noun.word for noun in map(finder, item["captions"]) if noun is not None]
         rows += [{"kind": "noun", "image_id": item["image_id"], "position": j, "text": noun}
                  for j, noun in enumerate(nouns)]
@@ -122,9 +129,11 @@ def table2(scores: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> tuple[
     shows), then the mean and standard error over images (Table 2) with a 95% bootstrap interval
     of the mean (<metric>_low, <metric>_high: `resamples` resamples of the images, seeded by
     `seed`; stats.bootstrap_ci), and two-sample KS tests on the per-image mean CLIPScores: prompts
-    vs random vectors, prompts vs nouns, and nouns vs random vectors (how far a scorer puts the
-    image's own words from the baseline).
-    -> (per_image, table, {"prompt_vs_random": ks, "prompt_vs_noun": ks, "noun_vs_random": ks})"""
+    vs random vectors, prompts vs nouns, nouns vs random vectors (how far a scorer puts the image's
+    own words from the baseline) and, where at least MIN_KS_VALUES images have them, prompts vs
+    another image's prompts (do they score higher on their own image?).
+    -> (per_image, table, {"prompt_vs_random": ks, "prompt_vs_noun": ks, "noun_vs_random": ks,
+        "prompt_vs_other_prompt": ks})"""
     per_image = (scores.groupby(["kind", "image_id"])
                  .agg(clipscore=("clipscore", "mean"), bertscore=("bertscore", "mean"),
                       clipscore_max=("clipscore", "max")).reset_index())
@@ -134,5 +143,7 @@ def table2(scores: pd.DataFrame, resamples: int = 1000, seed: int = 0) -> tuple[
     clip_of = {kind: rows["clipscore"].to_numpy() for kind, rows in per_image.groupby("kind")}
     tests = {f"{a}_vs_{b}": ks_test(clip_of[a], clip_of[b])
              for a, b in (("prompt", "random"), ("prompt", "noun"), ("noun", "random"))}
+    if len(clip_of.get("other_prompt", ())) >= MIN_KS_VALUES:  # a control: batches of one image have none
+        tests["prompt_vs_other_prompt"] = ks_test(clip_of["prompt"], clip_of["other_prompt"])
     table = with_intervals(table.reset_index(), per_image, "kind", ("clipscore", "bertscore"), resamples, seed)
     return per_image, table, tests
