@@ -96,10 +96,10 @@ def texts_to_score(captioner, items: Sequence[dict], finder, generator: torch.Ge
     kind, image_id, position and text:
       prompt   each image prompt's top_k nearest tokens, as the comma-separated string the paper scores
       random   the same for as many random vectors, each with its prompt's norm (norm_matched) or N(0, I)
-      other_prompt  the next image's (in the batch) prompts, as decoded for it: a control beside the paper's.
-               A gap between prompts and random vectors can come from what prompts decode to whatever
-               the image (their texts' distribution), not from the image; scored against another image, the
-               same texts keep the first and lose the second (none for a batch of one image)
+      other_prompt  the next image's prompts in the batch, as decoded for that image: a control beside the
+               paper's rows. Against random vectors, prompts differ both in which texts they decode to and
+               in what those texts say about the image; against another image's prompts only the second
+               is left (none for a batch of one image)
       noun     the first noun of each human caption (the paper's "COCO nouns")
       caption  the captioner's greedy caption"""
     pixels = captioner.preprocess([item["image"] for item in items])
