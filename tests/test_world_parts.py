@@ -279,6 +279,8 @@ def test_clip_trains_and_loads_through_open_clip_local_dir(tmp_path, vision_laye
     assert metrics["chance"] == 0.1 and metrics["n_eval_pairs"] == 20
     assert set(metrics["swap_accuracy"]) == {"shape"} and 0.0 <= metrics["swap_accuracy"]["shape"] <= 1.0
     assert 0.0 <= metrics["i2t_top1"] <= 1.0
+    # four steps move the temperature little from where it starts, CLIP's final 100 (clip.logit_scale_init)
+    assert 99.0 < metrics["logit_scale"] < 100.5
 
     config = json.loads((tmp_path / "open_clip_config.json").read_text())
     assert set(config) == {"model_cfg", "preprocess_cfg"}
@@ -420,6 +422,8 @@ def test_world_config_errors_name_the_key(tmp_path):
         resolve_world_config({"clip": {"n_eval_pairs": 50}})
     with pytest.raises(ValueError, match=r"clip.noise_texts=1.5 must be a share in \[0, 1\]"):
         resolve_world_config({"clip": {"noise_texts": 1.5}})
+    with pytest.raises(ValueError, match=r"clip.logit_scale_init=500 must be in \[1, 100\]"):
+        resolve_world_config({"clip": {"logit_scale_init": 500}})
     with pytest.raises(ValueError, match="size_scale"):
         resolve_world_config({"scenes": {"size_scale": 5.0}})
     with pytest.raises(ValueError, match="filler_noise=true needs grid texts with filler cells, got scenes.text_grid=7 "

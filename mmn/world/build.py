@@ -102,6 +102,9 @@ def resolve_world_config(cfg: Mapping | None = None) -> dict:
     for share in ("noun_texts", "noise_texts"):
         if not 0.0 <= clip[share] <= 1.0:
             raise ValueError(f"world config clip.{share}={clip[share]!r} must be a share in [0, 1]")
+    if not 1.0 <= clip["logit_scale_init"] <= 100.0:
+        raise ValueError(f"world config clip.logit_scale_init={clip['logit_scale_init']!r} must be in [1, 100] "
+                         f"(CLIP's logit scale is clamped at 100)")
     if clip["n_eval_pairs"] < clip["retrieval_pool"]:
         raise ValueError(f"world config clip.n_eval_pairs={clip['n_eval_pairs']} is smaller than "
                          f"clip.retrieval_pool={clip['retrieval_pool']}")

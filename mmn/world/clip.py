@@ -187,7 +187,7 @@ def train_clip(
     train_tokens = tokenizer(list(train_captions))     # [n, context_length]
     eval_tokens = tokenizer(list(eval_captions))
 
-    model = open_clip.CLIP(**config["model_cfg"])
+    model = open_clip.CLIP(**config["model_cfg"], init_logit_scale=np.log(cfg.logit_scale_init))
     before = retrieval_top1(model, eval_pixels, eval_tokens, eval_captions, cfg.retrieval_pool)
     # no weight decay on gains, biases, embeddings and the temperature, as open_clip's training script
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n and "logit_scale" not in n]

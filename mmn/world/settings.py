@@ -104,6 +104,11 @@ class ClipConfig:
     lr: float = 1e-3
     warmup_steps: int = 30
     weight_decay: float = 0.1
+    # The temperature's start (CLIP's logit scale, learned, at most 100). CLIP's own reached 100; started
+    # there, the world's CLIP keeps images and texts in two cones, as CLIP does, so unrelated pairs stay
+    # above cosine 0, where CLIPScore's floor would otherwise widen Table 2's spread; started at open_clip's
+    # 1/0.07, unrelated captions sat at cosine -.01 (docs/shapes_world_2.md, section 23)
+    logit_scale_init: float = 100.0
     retrieval_pool: int = 100    # retrieval is scored among this many held-out pairs at a time
     noun_texts: float = 0.1      # share of training pairs whose text is the caption's first noun alone, as alt-texts
                                  # often are a single word: trained on captions only, the CLIP scored a bare noun at zero
