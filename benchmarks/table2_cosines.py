@@ -20,11 +20,11 @@ import torch
 from scipy.stats import ks_2samp
 
 import mmn  # noqa: F401
+from mmn.analysis.clipscore import ClipScorer
 from mmn.analysis.decoding import join_tokens
 from mmn.analysis.prompts import decode_prompts, random_prompts
 from mmn.config import compose
 from mmn.recipes.run import Run
-from mmn.analysis.clipscore import ClipScorer
 
 
 @torch.no_grad()
