@@ -464,14 +464,23 @@ def _position(obj: WorldObject) -> str:
     return "in the middle"
 
 
-def describe(scene: Scene, rng: np.random.Generator, order: str = "any", grid: int = 0) -> str:
+def caption_order(scene: Scene, order: str = "any", grid: int = 0) -> list[WorldObject]:
+    """The order in which `describe` names the scene's objects: as sampled ("any"), from left to
+    right, or in the order a raster scan of its grid x grid cells meets them ("reading")."""
+    if order == "left_to_right":
+        return sorted(scene.objects, key=lambda o: o.center[0])
+    return reading_order(scene, grid) if order == "reading" else list(scene.objects)
+
+
+def describe(scene: Scene, rng: np.random.Generator, order: str = "any", grid: int = 0,
+             in_order: list[WorldObject] | None = None) -> str:
     """A template caption. Its first noun is the shape of an object in the scene: any of them, or,
     with order "left_to_right" (or "reading"), the leftmost one (or the first a raster scan of the
     grid x grid cells meets); the caption then lists its objects in that order, so the first noun
-    is not a guess between the objects."""
+    is not a guess between the objects. `in_order` is caption_order(scene, order, grid) where the
+    caller has it already: the reading order rasterises the scene, which costs more than the caption."""
     objects = list(scene.objects)
-    rank = {id(o): k for k, o in enumerate(sorted(objects, key=lambda o: o.center[0]) if order == "left_to_right"
-                                          else reading_order(scene, grid) if order == "reading" else objects)}
+    rank = {id(o): k for k, o in enumerate(caption_order(scene, order, grid) if in_order is None else in_order)}
     def ordered(chosen: list[WorldObject]) -> list[WorldObject]:
         return chosen if order == "any" else sorted(chosen, key=lambda o: rank[id(o)])
 
@@ -656,8 +665,9 @@ def eval_captions(scene: Scene, rng: np.random.Generator, n: int, order: str = "
     """n captions of one scene, all different where the templates allow; when fewer fit the
     scene (e.g. "two blue triangles"), the different ones repeat in turn."""
     distinct: list[str] = []
+    in_order = caption_order(scene, order, grid)
     for _ in range(20 * n):
-        caption = describe(scene, rng, order, grid)
+        caption = describe(scene, rng, order, grid, in_order)
         if caption not in distinct:
             distinct.append(caption)
         if len(distinct) == n:
