@@ -327,6 +327,9 @@ def test_reading_order_captions_name_the_first_object_a_raster_scan_meets():
         caption = describe(scene, rng, order="reading", grid=8)
         if first is not None:
             assert first_shape(caption) == first.shape, (caption, scene.objects)
+        # the order computed once by the caller (eval_captions) gives the same caption
+        _, same_rng = scene_at(4, "train", index, cfg)
+        assert describe(scene, same_rng, "reading", 8, g.caption_order(scene, "reading", 8)) == caption
     with pytest.raises(ValueError, match="text_grid"):
         SceneConfig(order="reading")
     with pytest.raises(ValueError, match="order"):
