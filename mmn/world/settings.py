@@ -107,8 +107,8 @@ class ClipConfig:
     # The temperature's start (CLIP's logit scale, learned, at most 100). CLIP's own ended at 100; started
     # there, the world's CLIP keeps images and texts in two cones, as CLIP does, so unrelated pairs stay
     # above cosine 0, where CLIPScore's floor would otherwise widen Table 2's spread. From open_clip's
-    # 1/0.07, unrelated captions sat at cosine -.01 and Table 2 failed beyond 100 images; from 100, at
-    # .25, and it holds at 400 (docs/shapes_world_2.md, sections 23 and 24)
+    # 1/0.07, unrelated captions sat at cosine -.01 and Table 2 failed beyond 100 images on every run;
+    # from 100, at .25 (docs/shapes_world_2.md, sections 23 to 25)
     logit_scale_init: float = 100.0
     retrieval_pool: int = 100    # retrieval is scored among this many held-out pairs at a time
     noun_texts: float = 0.1      # share of training pairs whose text is the caption's first noun alone, as alt-texts
